@@ -1,0 +1,3 @@
+from simtune.cli import main
+
+raise SystemExit(main())

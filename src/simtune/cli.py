@@ -1,0 +1,275 @@
+"""Command line: parse, call the API, print. No logic of its own.
+
+Flags for `simtune train` are generated from `TuningConfig` (help text = field
+docstrings), each as `--snake_case` and `--kebab-case`. Only flags given on the command
+line override the YAML file of `--config`. Errors the user can fix print one line and
+exit 2; nothing heavy is imported until a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from simtune.config import TUNING_MODES, TuningConfig, base_type, field_docs, field_types
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+GROUPS = {
+    "job": ("tuning_mode", "trust_remote_code"),
+    "data": ("min_rating", "agent_types"),
+    "optimisation": ("learning_rate", "padding_free"),
+    "LoRA": ("lora_r", "lora_target_modules"),
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (and exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    docs, types = field_docs(), field_types()
+    defaults = TuningConfig()
+    names = [f.name for f in dataclasses.fields(TuningConfig)]
+    group: Any = p
+    starts = {first: title for title, (first, _last) in GROUPS.items()}
+    for name in names:
+        if name in starts:
+            group = p.add_argument_group(starts[name] + " options")
+        tp, is_list = base_type(types[name])
+        default = getattr(defaults, name)
+        shown = ",".join(default) if isinstance(default, list) else default
+        doc = docs.get(name, "")
+        help_text = doc if "(default" in doc else f"{doc} (default: {shown})"
+        flags = [f"--{name}"]
+        if "_" in name:
+            flags.append("--" + name.replace("_", "-"))
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            kwargs.update(nargs="?", const="true", metavar="BOOL")
+        elif is_list:
+            kwargs.update(nargs="+", metavar=name.upper().rstrip("S") if name != "dataset_path" else "PATH")
+        elif name == "tuning_mode":
+            kwargs.update(metavar="{" + ",".join(TUNING_MODES) + "}")
+        else:
+            kwargs.update(metavar={"str": "VALUE"}.get(tp.__name__, tp.__name__.upper()))
+        group.add_argument(*flags, **kwargs)
+
+
+def build_parser() -> Parser:
+    p = Parser(
+        prog="simtune",
+        description="Fine-tune the LLM behind agent simulations on the decisions its agents made.",
+        epilog="Run `simtune COMMAND --help` for a command's options.",
+    )
+    p.add_argument("--version", action="version", version=_version())
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    t = sub.add_parser("train", help="train a LoRA adapter (SFT) on decision logs, track and register it",
+                       description="Train a LoRA adapter on decision logs; the run is logged to MLflow "
+                                   "and the model registered. Flags accept snake_case and kebab-case.")
+    t.add_argument("--config", metavar="YAML", help="YAML file of options (keys = option names); "
+                                                     "flags given here override it")
+    _add_config_flags(t)
+    t.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    m = sub.add_parser("models", help="list, show or delete models in the local registry")
+    m.add_argument("--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)")
+    msub = m.add_subparsers(dest="models_command", metavar="ACTION", parser_class=Parser, required=True)
+    ml = msub.add_parser("list", help="list registered models")
+    ml.add_argument("--json", action="store_true", help="print JSON")
+    ms = msub.add_parser("show", help="show one model's registry entry and simtune.json")
+    ms.add_argument("model_id")
+    md = msub.add_parser("delete", help="remove a model's registry entry and its directory")
+    md.add_argument("model_id")
+    md.add_argument("--keep-files", action="store_true", help="keep models/<model_id>/ on disk")
+
+    u = sub.add_parser("ui", help="open the MLflow UI on the workspace's store")
+    u.add_argument("--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)")
+    u.add_argument("--tracking_uri", "--tracking-uri", help="backend store (default: the workspace's mlflow.db)")
+    u.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    u.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+
+    k = sub.add_parser("make-tiny-model", help="write a tiny random model + tokenizer for smoke tests")
+    k.add_argument("dir", help="output directory")
+
+    d = sub.add_parser("demo", help="make a tiny model and fine-tune it on the bundled sample decisions")
+    d.add_argument("--workspace", default="demo-workspace",
+                   help="workspace to create (default: ./demo-workspace)")
+    d.add_argument("--num_train_epochs", "--num-train-epochs", type=float, default=5.0,
+                   help="epochs over the 48 bundled decisions (default: 5)")
+    return p
+
+
+def _version() -> str:
+    from simtune import __version__
+
+    return f"simtune {__version__}"
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    sys.stderr.write(f"simtune: error: {message}\n")
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from simtune.errors import SimtuneError
+
+    try:
+        return COMMANDS[args.command](args)
+    except SimtuneError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as exc:
+        if args.debug:
+            raise
+        fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_FAILED)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from simtune.api import run_tuning
+
+    options = {k: v for k, v in vars(args).items()
+               if k not in ("command", "config", "json", "debug")}
+    result = run_tuning(args.config, **options)
+    if args.json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    else:
+        _print_result(result)
+    return 0
+
+
+def _print_result(result: Any, workspace: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="simtune: model trained, tracked and registered", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model id", result.model_id)
+    table.add_row("adapter", result.adapter_path)
+    table.add_row("final train loss", f"{result.metrics.get('train_loss', float('nan')):.4f}")
+    table.add_row("MLflow run", f"{result.run_id}  ({result.tracking_uri})")
+    table.add_row("registered model", f"{result.registered_model_name} v{result.registered_model_version}"
+                                      f"  (load: mlflow.pyfunc.load_model('{result.model_uri}'))")
+    ui = "simtune ui" + (f" --workspace {workspace}" if workspace else "")
+    if result.tracking_uri.startswith("http"):
+        ui = f"open {result.tracking_uri}"
+    table.add_row("MLflow UI", ui)
+    Console().print(table)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from simtune.registry import Registry
+
+    ws = Path(args.workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd())
+    reg = Registry(ws)
+    console = Console()
+    if args.models_command == "list":
+        entries = reg.list()
+        if args.json:
+            sys.stdout.write(json.dumps(entries, indent=2) + "\n")
+            return 0
+        if not entries:
+            console.print(f"no models registered in {reg.path}")
+            return 0
+        table = Table("model id", "mode", "base model", "train loss", "MLflow model", "created")
+        for e in entries:
+            ml = e.get("mlflow", {})
+            loss = e.get("metrics", {}).get("train_loss")
+            table.add_row(e["model_id"], e.get("tuning_mode", ""), Path(e.get("base_model", "")).name,
+                          "" if loss is None else f"{loss:.4f}",
+                          f"{ml.get('registered_model_name', '')} v{ml.get('registered_model_version', '')}",
+                          e.get("created_at", "")[:19])
+        console.print(table)
+    elif args.models_command == "show":
+        entry = reg.get(args.model_id)
+        meta_path = Path(entry["path"]) / "simtune.json"
+        out = {"registry": entry,
+               "simtune.json": json.loads(meta_path.read_text()) if meta_path.is_file() else None}
+        sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
+    else:
+        entry = reg.delete(args.model_id, remove_files=not args.keep_files)
+        console.print(f"deleted {entry['model_id']}"
+                      + ("" if args.keep_files else f" and {entry['path']}")
+                      + " (its MLflow run and registered version are kept)")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    ws = Path(args.workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()).resolve()
+    store = args.tracking_uri or f"sqlite:///{ws / 'mlflow.db'}"
+    url = f"http://{args.host}:{args.port}"
+    sys.stderr.write(f"MLflow UI for {store} at {url} (Ctrl-C to stop)\n")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store,
+           "--default-artifact-root", (ws / "mlruns").as_uri(),
+           "--host", args.host, "--port", str(args.port)]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from simtune.testing import make_tiny_model
+
+    out = make_tiny_model(args.dir)
+    sys.stdout.write(f"wrote a tiny random model and tokenizer to {out}\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from simtune.api import run_tuning
+    from simtune.demo import prepare_demo
+
+    console = Console()
+    ws = Path(args.workspace).resolve()
+    with console.status("building a tiny model and the sample dataset..."):
+        model_dir, data = prepare_demo(ws)
+    console.print(f"[bold]tiny model[/] {model_dir}\n[bold]sample decisions[/] {data}")
+    result = run_tuning(llm_path=str(model_dir), dataset_path=[str(data)], workspace=str(ws),
+                        experiment_name="simtune-demo", num_train_epochs=args.num_train_epochs,
+                        learning_rate=3e-3, per_device_train_batch_size=8, warmup_ratio=0.0,
+                        tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    _print_result(result, str(ws))
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train,
+    "models": cmd_models,
+    "ui": cmd_ui,
+    "make-tiny-model": cmd_make_tiny_model,
+    "demo": cmd_demo,
+}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

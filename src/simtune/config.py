@@ -1,0 +1,342 @@
+"""Typed job configuration: the single source of truth for every option.
+
+Each field's docstring (the string literal right below it) is its documentation: the
+CLI turns it into ``--help`` text, and the resolved config is saved beside every model
+(``simtune.json``) and logged to MLflow as params. Option names follow Hugging Face /
+TRL / PEFT where a name exists, so YAML files and habits carry over.
+
+Nothing heavy is imported here: the CLI builds its parser from this module on every
+start, and ``simtune --help`` must answer in well under a second.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from simtune.errors import ConfigError
+
+TUNING_MODES = ("sft",)
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+)
+
+
+@dataclass
+class TuningConfig:
+    """Everything one `simtune train` job needs; every field is a CLI flag and a YAML key."""
+
+    # --- job -------------------------------------------------------------------------
+    tuning_mode: str = "sft"
+    """Training method: 'sft' imitates the logged (or refined) decisions."""
+
+    llm_path: str | None = None
+    """Base model: a local Hugging Face model directory, a hub id (needs network), a LoRA
+    adapter directory (training continues from it), or a simtune model id from models/."""
+
+    dataset_path: list[str] = field(default_factory=list)
+    """Decision files (.jsonl or JSON list) or directories (all decisions_*.json[l] in
+    them, recursively); several may be given."""
+
+    workspace: str | None = None
+    """Workspace root holding models/, envs/ and the embedded MLflow store (default:
+    $SIMTUNE_HOME, else the current directory)."""
+
+    output_dir: str | None = None
+    """Where the finished adapter goes (default: <workspace>/models/<model_id>)."""
+
+    experiment_name: str = "llm_tuning"
+    """MLflow experiment the run is logged to."""
+
+    tracking_uri: str | None = None
+    """MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the embedded
+    sqlite:///<workspace>/mlflow.db)."""
+
+    run_name: str | None = None
+    """MLflow run name (default: the model id)."""
+
+    registered_model_name: str | None = None
+    """Name in the MLflow Model Registry (default: <experiment_name>-<tuning_mode>)."""
+
+    devices: str | None = None
+    """CUDA devices to use, e.g. '0' or '0,1' (sets CUDA_VISIBLE_DEVICES); CPU is used
+    when no GPU is present."""
+
+    trust_remote_code: bool = False
+    """Allow model repositories to run their own Python code (off: only trust what you
+    read)."""
+
+    # --- data ------------------------------------------------------------------------
+    min_rating: float | None = None
+    """Keep only decisions rated at least this (unrated decisions are dropped when set)."""
+
+    min_reward: float | None = None
+    """Keep only decisions whose reward is at least this (decisions without reward are
+    dropped when set)."""
+
+    agent_types: list[str] = field(default_factory=list)
+    """Keep only decisions of these agent types (default: all)."""
+
+    system_prompt: str | None = None
+    """System message put before each prompt that has none."""
+
+    max_samples: int | None = None
+    """Use at most this many training examples (a quick dry run on a subset)."""
+
+    # --- optimisation (Hugging Face TrainingArguments names) ---------------------------
+    learning_rate: float = 2e-4
+    """Peak learning rate of AdamW."""
+
+    num_train_epochs: float = 3.0
+    """Passes over the training set (ignored when max_steps > 0)."""
+
+    max_steps: int = -1
+    """Total optimizer steps; overrides num_train_epochs when > 0."""
+
+    per_device_train_batch_size: int = 4
+    """Examples per device per forward pass."""
+
+    gradient_accumulation_steps: int = 1
+    """Forward passes accumulated into one optimizer step."""
+
+    max_length: int = 1024
+    """Longest tokenized example; longer prompts are cut from the left so the answer
+    (what the loss is on) survives."""
+
+    warmup_ratio: float = 0.03
+    """Fraction of steps spent warming the learning rate up."""
+
+    lr_scheduler_type: str = "cosine"
+    """Learning-rate schedule: linear, cosine, cosine_with_restarts, polynomial,
+    constant or constant_with_warmup."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+
+    logging_steps: int = 1
+    """Log metrics every N optimizer steps."""
+
+    save_steps: int = 0
+    """Save a checkpoint every N steps (0: only the final model)."""
+
+    seed: int = 42
+    """Random seed for data order, LoRA init and dropout."""
+
+    bf16: bool = False
+    """Train in bfloat16 mixed precision (GPU)."""
+
+    fp16: bool = False
+    """Train in float16 mixed precision (GPU)."""
+
+    gradient_checkpointing: bool = False
+    """Trade compute for memory by recomputing activations."""
+
+    padding_free: bool = False
+    """Concatenate a batch without padding (needs a flash-attention model on GPU)."""
+
+    # --- LoRA (PEFT names) -------------------------------------------------------------
+    lora_r: int = 16
+    """LoRA rank."""
+
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = lora_alpha / lora_r)."""
+
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters: names such as q_proj v_proj, or 'all-linear'."""
+
+    def validate(self) -> TuningConfig:
+        """Check values without touching the disk's models or importing torch."""
+        if self.tuning_mode not in TUNING_MODES:
+            raise ConfigError(
+                f"--tuning_mode: unknown mode {self.tuning_mode!r} (choose from {', '.join(TUNING_MODES)})"
+            )
+        if not self.llm_path:
+            raise ConfigError("--llm_path is required (a model directory, adapter or model id)")
+        if not self.dataset_path:
+            raise ConfigError("--dataset_path is required (one or more files or directories)")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise ConfigError(
+                f"--lr_scheduler_type: unknown schedule {self.lr_scheduler_type!r} "
+                f"(choose from {', '.join(LR_SCHEDULERS)})"
+            )
+        positive = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
+                    "max_length", "lora_r", "lora_alpha", "logging_steps", "max_grad_norm")
+        for name in positive:
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"--{name}: must be a positive number, got {value!r}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("--num_train_epochs: must be > 0 (or set --max_steps)")
+        for name in ("warmup_ratio", "lora_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"--{name}: must be in [0, 1), got {value!r}")
+        if self.max_samples is not None and self.max_samples <= 0:
+            raise ConfigError(f"--max_samples: must be positive, got {self.max_samples!r}")
+        if self.save_steps < 0:
+            raise ConfigError(f"--save_steps: must be >= 0, got {self.save_steps!r}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("--bf16 and --fp16 exclude each other")
+        if self.devices is not None:
+            parts = [p.strip() for p in self.devices.split(",")]
+            if not all(p.isdigit() for p in parts):
+                raise ConfigError(f"--devices: expected GPU indices like '0' or '0,1', got {self.devices!r}")
+        for name in ("experiment_name", "registered_model_name", "run_name"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise ConfigError(f"--{name}: must not be empty")
+        return self
+
+    def workspace_path(self) -> Path:
+        return Path(self.workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()).resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@functools.cache
+def field_docs(cls: type = TuningConfig) -> dict[str, str]:
+    """Map field name -> its docstring, read from the class source (litgpt style)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+@functools.cache
+def field_types(cls: type = TuningConfig) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def base_type(tp: Any) -> tuple[type, bool]:
+    """(scalar type, is_list) of an annotation such as `int | None` or `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return base_type(args[0])
+    return tp, False
+
+
+def coerce(name: str, value: Any, *, source: str = "") -> Any:
+    """Convert a YAML/CLI/keyword value to the field's type, or raise naming the option."""
+    where = f"{source}: " if source else ""
+    tp, is_list = base_type(field_types()[name])
+    if value is None:
+        return [] if is_list else None
+    if is_list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        out: list[Any] = []
+        for item in items:
+            # "q_proj,v_proj" and ["q_proj", "v_proj"] both work.
+            parts = str(item).split(",") if isinstance(item, str) else [item]
+            out.extend(coerce_scalar(name, tp, p.strip() if isinstance(p, str) else p, where)
+                       for p in parts if not (isinstance(p, str) and not p.strip()))
+        return out
+    return coerce_scalar(name, tp, value, where)
+
+
+def coerce_scalar(name: str, tp: type, value: Any, where: str) -> Any:
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}--{name}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml  # small; only needed with --config
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file: {path}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    return data
+
+
+def build_config(
+    yaml_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    base: TuningConfig | None = None,
+) -> TuningConfig:
+    """Defaults < YAML file < overrides (CLI flags or run_tuning keywords), then validate."""
+    cfg = dataclasses.replace(base) if base is not None else TuningConfig()
+    known = {f.name for f in dataclasses.fields(TuningConfig)}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if yaml_path:
+        layers.append((yaml_path, load_yaml(yaml_path)))
+    if overrides:
+        layers.append(("", overrides))
+    for source, layer in layers:
+        for raw_key, value in layer.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                where = f"{source}: " if source else ""
+                hint = _closest(key, known)
+                raise ConfigError(f"{where}unknown option {raw_key!r}{hint}")
+            setattr(cfg, key, coerce(key, value, source=source))
+    return cfg.validate()
+
+
+def _closest(key: str, known: set[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean --{match[0]}?)" if match else ""

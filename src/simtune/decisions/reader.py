@@ -1,0 +1,426 @@
+"""Read decision logs in every format simtune accepts, with errors that name file:line.
+
+Formats (detected from content, not the extension):
+- JSONL: one object per line; blank lines are skipped. Lines with an ``"event"`` key
+  are late-arriving scores folded into their decision (see `fold_events`).
+- JSON list: ``[{...}, {...}]`` (the seed simulator's ``decisions_<ts>.json`` export);
+  line numbers in errors point at the start of the offending element.
+
+Record shapes: DESIGN.md §3 decision records; the seed export (``trail_id``,
+``human_rating``/``llm_rating``, ``refined_output``, fenced outputs, ``context`` as a
+JSON string); ``prompt``/``completion`` pairs; chat ``messages`` lists (OpenAI) and
+TRL's conversational ``{"prompt": [...], "completion": [...]}``.
+
+Event folding rule: ``reward`` events *add* to the decision's reward (an immediate
+reward plus an episode share both count); ``rating`` and ``feedback`` events
+*replace* (the newest wins), except that an ``llm`` rating never replaces a ``human``
+one. Events whose decision is not in the loaded files are counted as orphans.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from simtune.decisions.schema import (
+    ALIASES,
+    DECISION_FIELDS,
+    EVENT_KINDS,
+    Decision,
+    finite_number,
+    unfence,
+)
+from simtune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+DIR_PATTERNS = ("decisions_*.jsonl", "decisions_*.json")
+# Seed-export fields that are folded into canonical ones (so they don't also sit in
+# metadata twice).
+_CONSUMED = {"human_rating", "llm_rating", "refined_output", "human_reason", "llm_reason",
+             "event"} | set(ALIASES)
+
+
+@dataclass
+class DatasetFile:
+    path: str
+    sha256: str
+    format: str
+    records: int = 0
+    events: int = 0
+
+
+@dataclass
+class Event:
+    kind: str
+    decision_id: str
+    value: Any
+    extra: dict[str, Any]
+    source: str
+
+
+@dataclass
+class Dataset:
+    decisions: list[Decision]
+    files: list[DatasetFile]
+    orphan_events: int = 0
+    duplicate_ids: int = 0
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def discover(paths: Iterable[str]) -> list[Path]:
+    """Expand files and directories into an ordered, de-duplicated list of files."""
+    out: list[Path] = []
+    seen: set[Path] = set()
+    for raw in paths:
+        p = Path(raw).expanduser()
+        if not p.exists():
+            raise DataError("no such file or directory", path=str(raw))
+        if p.is_dir():
+            found = sorted({f for pat in DIR_PATTERNS for f in p.rglob(pat) if f.is_file()})
+            if not found:
+                raise DataError("directory holds no decisions_*.json or decisions_*.jsonl files",
+                                path=str(raw))
+        else:
+            found = [p]
+        for f in found:
+            key = f.resolve()
+            if key not in seen:
+                seen.add(key)
+                out.append(f)
+    if not out:
+        raise DataError("no dataset files given")
+    return out
+
+
+def read_dataset(paths: Iterable[str]) -> Dataset:
+    """Read every file, normalise records, fold events. Raises DataError on the first problem."""
+    decisions: dict[str, Decision] = {}
+    files: list[DatasetFile] = []
+    events: list[Event] = []
+    duplicates = 0
+    for path in discover(paths):
+        info, items = _read_file(path)
+        files.append(info)
+        for line, obj in items:
+            item = normalize(obj, str(path), line)
+            if isinstance(item, Event):
+                info.events += 1
+                events.append(item)
+                continue
+            info.records += 1
+            if item.decision_id in decisions:
+                duplicates += 1
+                continue
+            decisions[item.decision_id] = item
+    orphans = fold_events(decisions, events)
+    if orphans:
+        log.warning("%d score event(s) name decisions not in the given files; ignored", orphans)
+    if duplicates:
+        log.warning("%d record(s) repeat an earlier decision_id; the first one is kept", duplicates)
+    return Dataset(list(decisions.values()), files, orphans, duplicates)
+
+
+def _read_file(path: Path) -> tuple[DatasetFile, Iterator[tuple[int, Any]]]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc.strerror or exc}", path=str(path)) from None
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError("not UTF-8 text", path=str(path), line=line) from None
+    stripped = text.lstrip()
+    if not stripped:
+        raise DataError("file is empty", path=str(path))
+    if stripped[0] == "[":
+        return DatasetFile(str(path), digest, "json"), _json_list(text, str(path))
+    return DatasetFile(str(path), digest, "jsonl"), _jsonl(text, str(path))
+
+
+def _jsonl(text: str, path: str) -> Iterator[tuple[int, Any]]:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON ({exc.msg}, column {exc.colno})", path=path,
+                            line=lineno) from None
+
+
+def _json_list(text: str, path: str) -> Iterator[tuple[int, Any]]:
+    """Decode a JSON array element by element so each element keeps its line number."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    n = len(text)
+
+    def skip_ws(i: int) -> int:
+        while i < n and text[i] in " \t\r\n":
+            i += 1
+        return i
+
+    def fail(i: int, msg: str) -> DataError:
+        return DataError(f"invalid JSON ({msg})", path=path, line=text.count("\n", 0, i) + 1)
+
+    pos = skip_ws(pos)
+    if pos < n and text[pos] == "]":
+        return
+    while True:
+        pos = skip_ws(pos)
+        start_line = text.count("\n", 0, pos) + 1
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise fail(exc.pos, exc.msg) from None
+        yield start_line, obj
+        pos = skip_ws(pos)
+        if pos >= n:
+            raise fail(pos, "unterminated list")
+        if text[pos] == "]":
+            if text[pos + 1 :].strip():
+                raise fail(pos + 1, "extra data after the list")
+            return
+        if text[pos] != ",":
+            raise fail(pos, "expected ',' or ']'")
+        pos += 1
+
+
+def normalize(obj: Any, path: str, line: int) -> Decision | Event:
+    """One raw JSON object -> Decision (or a score Event). Raises DataError naming the field."""
+
+    def bad(fld: str | None, msg: str) -> DataError:
+        return DataError(msg, path=path, line=line, field=fld)
+
+    if not isinstance(obj, dict):
+        raise bad(None, f"expected a JSON object, got {type(obj).__name__}")
+    source = f"{path}:{line}"
+    if "event" in obj:
+        return _event(obj, bad, source)
+
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    output = obj.get("output", obj.get("completion"))
+    raw_prompt = obj.get("prompt")
+    if isinstance(obj.get("messages"), list):
+        messages = _messages(obj["messages"], "messages", bad)
+    elif isinstance(raw_prompt, list):  # TRL conversational prompt/completion
+        messages = _messages(raw_prompt, "prompt", bad)
+    elif isinstance(raw_prompt, str):
+        prompt = raw_prompt
+    elif raw_prompt is not None or obj.get("messages") is not None:
+        fld = "messages" if obj.get("messages") is not None else "prompt"
+        raise bad(fld, "expected a string or a list of chat messages")
+
+    if isinstance(output, list):  # conversational completion: the assistant turn(s)
+        turns = _messages(output, "completion" if "completion" in obj else "output", bad)
+        output = "".join(m["content"] for m in turns if m["role"] == "assistant")
+    if output is None and messages and messages[-1]["role"] == "assistant":
+        output = messages[-1]["content"]
+        messages = messages[:-1]
+    if not messages and not (prompt and prompt.strip()):
+        raise bad("prompt", "missing: a record needs 'prompt' or 'messages'")
+    if output is None:
+        raise bad("output", "missing: a record needs 'output' (or 'completion')")
+    if not isinstance(output, str):
+        raise bad("output", f"expected a string, got {type(output).__name__}")
+    output = unfence(output)
+    if not output.strip():
+        raise bad("output", "is empty")
+
+    def number(fld: str) -> float | None:
+        try:
+            return finite_number(obj.get(fld))
+        except ValueError as exc:
+            raise bad(fld, str(exc)) from None
+
+    # Seed export: a human's rating outranks the judge's.
+    human, llm, plain = number("human_rating"), number("llm_rating"), number("rating")
+    rating = human if human is not None else plain if plain is not None else llm
+    reward = number("reward")
+    latency = number("latency_s") if obj.get("latency_s") is not None else number("processing_time")
+
+    feedback = obj.get("feedback") or obj.get("refined_output")
+    if feedback is not None and not isinstance(feedback, str):
+        raise bad("feedback", f"expected a string, got {type(feedback).__name__}")
+    feedback = unfence(feedback) if feedback and feedback.strip() else None
+
+    step = obj.get("step")
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or float(step) != int(step):
+            raise bad("step", f"expected an integer, got {step!r}")
+        step = int(step)
+
+    context = obj.get("context")
+    if isinstance(context, str):
+        try:
+            context = json.loads(context)
+        except json.JSONDecodeError:
+            pass
+    agent_type = obj.get("agent_type")
+    if agent_type is None and isinstance(context, dict):
+        agent_type = context.get("agent_type")
+
+    reason = obj.get("reason") or obj.get("low_quality_reason") or obj.get("human_reason") \
+        or obj.get("llm_reason")
+    metadata = dict(obj["metadata"]) if isinstance(obj.get("metadata"), dict) else {}
+    metadata.update({k: v for k, v in obj.items()
+                     if k not in DECISION_FIELDS and k not in _CONSUMED and v is not None})
+    if human is not None:
+        metadata["rating_source"] = "human"
+    elif rating is not None and plain is None:
+        metadata["rating_source"] = "llm"
+
+    decision_id = obj.get("decision_id")
+    if decision_id is None:
+        # Stable across re-reads of the same file, so filters and splits are reproducible.
+        decision_id = hashlib.sha1(f"{Path(path).name}:{line}".encode()).hexdigest()[:32]
+
+    def text(*names: str) -> str | None:
+        value = next((obj[k] for k in names if obj.get(k) is not None), None)
+        return None if value is None else str(value)
+
+    return Decision(
+        decision_id=str(decision_id),
+        output=output,
+        prompt=prompt,
+        messages=messages,
+        env_name=text("env_name"),
+        run_id=text("run_id", "trail_id"),
+        agent_id=text("agent_id"),
+        agent_type=None if agent_type is None else str(agent_type),
+        step=step,
+        timestamp=text("timestamp"),
+        reward=reward,
+        rating=rating,
+        feedback=feedback,
+        reason=None if reason is None else str(reason),
+        model=text("model"),
+        latency_s=latency,
+        context=context,
+        metadata=metadata,
+        source=source,
+    )
+
+
+def _messages(value: list[Any], fld: str, bad: Any) -> list[dict[str, str]]:
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad(f"{fld}[{i}]", "expected an object with 'role' and 'content'")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI multi-part content: keep the text parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str):
+            raise bad(f"{fld}[{i}].content", "expected a string")
+        out.append({"role": m["role"], "content": content})
+    if not out:
+        raise bad(fld, "is an empty list")
+    return out
+
+
+def _event(obj: dict[str, Any], bad: Any, source: str) -> Event:
+    kind = obj["event"]
+    if kind not in EVENT_KINDS:
+        raise bad("event", f"unknown event {kind!r} (expected one of {', '.join(EVENT_KINDS)})")
+    if not obj.get("decision_id"):
+        raise bad("decision_id", f"missing on a {kind} event")
+    value = obj.get("value")
+    if kind == "feedback":
+        if not isinstance(value, str):
+            raise bad("value", "a feedback event needs a string value")
+        value = unfence(value)
+    else:
+        try:
+            value = finite_number(value)
+        except ValueError as exc:
+            raise bad("value", str(exc)) from None
+        if value is None:
+            raise bad("value", f"missing on a {kind} event")
+    extra = {k: v for k, v in obj.items() if k not in ("event", "decision_id", "value")}
+    return Event(kind, str(obj["decision_id"]), value, extra, source)
+
+
+def fold_events(decisions: dict[str, Decision], events: list[Event]) -> int:
+    """Apply score events in file order; returns how many named unknown decisions."""
+    orphans = 0
+    for ev in events:
+        d = decisions.get(ev.decision_id)
+        if d is None:
+            orphans += 1
+            continue
+        if ev.kind == "reward":
+            d.reward = (d.reward or 0.0) + ev.value
+        elif ev.kind == "rating":
+            src = ev.extra.get("source", "human")
+            if src != "human" and d.metadata.get("rating_source") == "human":
+                continue  # a judge never overrides a person
+            d.rating = ev.value
+            d.metadata["rating_source"] = src
+            if ev.extra.get("feedback"):
+                d.feedback = unfence(str(ev.extra["feedback"]))
+            if ev.extra.get("reason"):
+                d.reason = str(ev.extra["reason"])
+        else:
+            d.feedback = ev.value
+    return orphans
+
+
+@dataclass
+class Selection:
+    decisions: list[Decision]
+    dropped: dict[str, int]
+
+
+def select(decisions: list[Decision], *, min_rating: float | None = None,
+           min_reward: float | None = None, agent_types: list[str] | None = None,
+           max_samples: int | None = None) -> Selection:
+    """Apply the training filters; counts why records were dropped."""
+    dropped = {"min_rating": 0, "min_reward": 0, "agent_types": 0, "max_samples": 0}
+    kept = []
+    wanted = set(agent_types or ())
+    for d in decisions:
+        if wanted and d.agent_type not in wanted:
+            dropped["agent_types"] += 1
+        elif min_rating is not None and (d.rating is None or d.rating < min_rating):
+            dropped["min_rating"] += 1
+        elif min_reward is not None and (d.reward is None or d.reward < min_reward):
+            dropped["min_reward"] += 1
+        else:
+            kept.append(d)
+    if max_samples is not None and len(kept) > max_samples:
+        dropped["max_samples"] = len(kept) - max_samples
+        kept = kept[:max_samples]
+    return Selection(kept, dropped)
+
+
+def describe(dataset: Dataset, selection: Selection) -> dict[str, Any]:
+    """Dataset statistics logged to MLflow and saved in simtune.json."""
+    ds = selection.decisions
+    n = len(ds)
+
+    def mean(xs: list[float]) -> float | None:
+        return round(sum(xs) / len(xs), 4) if xs else None
+
+    return {
+        "files": [vars(f) for f in dataset.files],
+        "num_records": len(dataset.decisions),
+        "num_used": n,
+        "dropped": selection.dropped,
+        "orphan_events": dataset.orphan_events,
+        "duplicate_ids": dataset.duplicate_ids,
+        "with_reward": sum(d.reward is not None for d in ds),
+        "with_rating": sum(d.rating is not None for d in ds),
+        "with_feedback_target": sum(bool(d.feedback) for d in ds),
+        "mean_reward": mean([d.reward for d in ds if d.reward is not None]),
+        "mean_rating": mean([d.rating for d in ds if d.rating is not None]),
+        "mean_target_chars": mean([float(len(d.target)) for d in ds]),
+        "agent_types": sorted({d.agent_type for d in ds if d.agent_type}),
+    }

@@ -1,0 +1,81 @@
+"""The decision record (DESIGN.md §3) and how other formats map onto it."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+# Seed-export and alias fields -> canonical names. Anything not named here or in
+# DECISION_FIELDS lands in `metadata`, so nothing a simulator logged is lost.
+ALIASES = {
+    "trail_id": "run_id",
+    "processing_time": "latency_s",
+    "completion": "output",
+    "low_quality_reason": "reason",
+}
+DECISION_FIELDS = (
+    "decision_id", "env_name", "run_id", "agent_id", "agent_type", "step", "timestamp",
+    "prompt", "messages", "output", "reward", "rating", "feedback", "reason", "model",
+    "latency_s", "context", "metadata",
+)
+EVENT_KINDS = ("reward", "rating", "feedback")
+
+_FENCE = re.compile(r"^\s*```[\w+-]*[ \t]*\r?\n(.*?)\r?\n?```\s*$", re.DOTALL)
+
+
+def unfence(text: str) -> str:
+    """'```json\\n{...}\\n```' -> '{...}': the seed simulator wrapped JSON answers in
+    markdown fences; training on the fence would teach the model to emit it."""
+    m = _FENCE.match(text)
+    return m.group(1) if m else text
+
+
+@dataclass
+class Decision:
+    """One agent decision: model input, model output and the scores it earned."""
+
+    decision_id: str
+    output: str
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    env_name: str | None = None
+    run_id: str | None = None
+    agent_id: str | None = None
+    agent_type: str | None = None
+    step: int | None = None
+    timestamp: str | None = None
+    reward: float | None = None
+    rating: float | None = None
+    feedback: str | None = None
+    reason: str | None = None
+    model: str | None = None
+    latency_s: float | None = None
+    context: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    """file:line the record came from (not part of the stored format)."""
+
+    def chat_prompt(self, system_prompt: str | None = None) -> list[dict[str, str]]:
+        """The model input as chat messages (a plain prompt becomes one user turn)."""
+        msgs = list(self.messages) if self.messages else [{"role": "user", "content": self.prompt or ""}]
+        if system_prompt and msgs[0].get("role") != "system":
+            msgs.insert(0, {"role": "system", "content": system_prompt})
+        return msgs
+
+    @property
+    def target(self) -> str:
+        """The SFT target: an improved answer when one exists, else what was said."""
+        return self.feedback if self.feedback else self.output
+
+
+def finite_number(value: Any) -> float | None:
+    """A finite float, None for null, or raise ValueError (bools and strings are not scores)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return float(value)

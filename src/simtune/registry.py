@@ -1,0 +1,103 @@
+"""The local model registry: `models/registry.json` (DESIGN.md §2, §6).
+
+Every write takes an exclusive file lock and replaces the file atomically (temp file
+in the same directory, fsync, rename), so parallel jobs never lose an entry and a
+crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from simtune.errors import ConfigError, SimtuneError
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def check_name(value: str, what: str = "model id") -> str:
+    """Reject anything that could escape a directory: '..', separators, NUL, absolute."""
+    if not isinstance(value, str) or not _SAFE_NAME.match(value) or ".." in value:
+        raise ConfigError(f"invalid {what} {value!r}: use letters, digits, '.', '_' and '-' only")
+    return value
+
+
+class Registry:
+    def __init__(self, workspace: Path) -> None:
+        self.models_dir = Path(workspace) / "models"
+        self.path = self.models_dir / "registry.json"
+
+    def _lock(self) -> Any:
+        from filelock import FileLock
+
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.path) + ".lock", timeout=60)
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {"version": 1, "models": []}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise SimtuneError(f"{self.path}: corrupt registry ({exc.msg} at line {exc.lineno})") from None
+        data.setdefault("models", [])
+        return data
+
+    def _update(self, change: Callable[[dict[str, Any]], Any]) -> Any:
+        with self._lock():
+            data = self._read()
+            result = change(data)
+            fd, tmp = tempfile.mkstemp(dir=self.models_dir, prefix=".registry-", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump(data, fh, indent=2, ensure_ascii=False)
+                    fh.write("\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            return result
+
+    def add(self, entry: dict[str, Any]) -> None:
+        check_name(entry["model_id"])
+
+        def change(data: dict[str, Any]) -> None:
+            if any(m["model_id"] == entry["model_id"] for m in data["models"]):
+                raise SimtuneError(f"model id {entry['model_id']} is already registered")
+            data["models"].append(entry)
+
+        self._update(change)
+
+    def list(self) -> list[dict[str, Any]]:
+        return list(self._read()["models"])
+
+    def get(self, model_id: str) -> dict[str, Any]:
+        check_name(model_id)
+        for m in self._read()["models"]:
+            if m["model_id"] == model_id:
+                return m
+        raise SimtuneError(f"no model {model_id!r} in {self.path}")
+
+    def delete(self, model_id: str, *, remove_files: bool = True) -> dict[str, Any]:
+        """Drop the entry (and its directory when it lies inside models/)."""
+        check_name(model_id)
+
+        def change(data: dict[str, Any]) -> dict[str, Any]:
+            for i, m in enumerate(data["models"]):
+                if m["model_id"] == model_id:
+                    return data["models"].pop(i)
+            raise SimtuneError(f"no model {model_id!r} in {self.path}")
+
+        entry = self._update(change)
+        target = Path(entry.get("path", ""))
+        if remove_files and target.is_dir() and self.models_dir.resolve() in target.resolve().parents:
+            shutil.rmtree(target)
+        return entry

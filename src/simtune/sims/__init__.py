@@ -1,0 +1,1 @@
+"""Example simulations used by the demo and the tests."""

@@ -1,0 +1,108 @@
+"""A tiny random Llama-style model and a tokenizer trained on the spot (DESIGN.md §9).
+
+Used by the tests, the demo and users' smoke tests (`simtune make-tiny-model DIR`):
+it builds in about a second with no network, and every training path runs on it on
+CPU. Its weights are random, so its text is gibberish; it exists to exercise the
+machinery, not to be good.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from importlib import resources
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# ChatML-style template. The prompt rendered with add_generation_prompt=True is a
+# strict prefix of prompt+answer, which is what completion-only loss relies on.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = [
+    "You are an agent in a simulation. Decide what to do next and answer in JSON.",
+    '{"action": "apply", "job_id": "J12", "reason": "the salary matches my skills"}',
+    '{"action": "wait"} {"action": "buy", "quantity": 3} {"number": "1"} {"target_id": "10"}',
+    "The quick brown fox jumps over the lazy dog. 0123456789 true false null",
+    "system user assistant profile memory observation instruction reward rating",
+]
+
+
+def tokenizer_corpus() -> Iterable[str]:
+    yield from _CORPUS * 4
+    sample = resources.files("simtune") / "data" / "sample_decisions.jsonl"
+    if sample.is_file():
+        for line in sample.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            yield rec.get("prompt", "")
+            yield rec.get("output", "")
+
+
+def build_tokenizer(vocab_size: int = 1024):
+    """Byte-level BPE trained in well under a second; any UTF-8 text encodes."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(tokenizer_corpus(), vocab_size=vocab_size, min_frequency=2,
+                            show_progress=False, special_tokens=SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token="<|bos|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "right"
+    return tok
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vocab_size: int = 1024,
+    max_position_embeddings: int = 2048,
+    seed: int = 0,
+) -> Path:
+    """Write a random LlamaForCausalLM (~0.2M params) + tokenizer to `out_dir`."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=max(1, num_heads // 2),
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, max_new_tokens=32, do_sample=False,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    log.info("wrote tiny model (%d parameters) to %s", n, out)
+    return out
