@@ -55,7 +55,9 @@ def onesim(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def _no_run_left_open():
-    """Fail any test that leaves an MLflow run active (MLflow's own test suite does this)."""
+    """Fail any test that leaves an MLflow run active (MLflow's own test suite does this),
+    and undo a test's mlflow.set_tracking_uri, which would leak into later tests and
+    their subprocesses through MLFLOW_TRACKING_URI."""
     yield
     if "mlflow" in sys.modules:
         import mlflow
@@ -63,6 +65,8 @@ def _no_run_left_open():
         run = mlflow.active_run()
         if run is not None:
             mlflow.end_run()
+        mlflow.set_tracking_uri(None)
+        if run is not None:
             pytest.fail(f"test left MLflow run {run.info.run_id} open")
 
 
@@ -108,7 +112,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     yield uri
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=20)
+        proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     log.close()

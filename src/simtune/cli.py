@@ -151,7 +151,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     options = {k: v for k, v in vars(args).items()
                if k not in ("command", "config", "json", "debug")}
-    result = run_tuning(args.config, **options)
+    if args.json:
+        # Libraries print progress to stdout (MLflow's "View run" line among them);
+        # keep stdout for the JSON alone.
+        import contextlib
+
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_tuning(args.config, **options)
+    else:
+        result = run_tuning(args.config, **options)
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     else:

@@ -66,7 +66,6 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = tracking_uri
         self.workspace = workspace
-        mlflow.set_tracking_uri(tracking_uri)
         self.client = mlflow.MlflowClient(tracking_uri)
         self.experiment_id = self._experiment(experiment_name)
         self.run_id: str | None = None
@@ -92,19 +91,28 @@ class Tracker:
     @contextlib.contextmanager
     def run(self, run_name: str, tags: dict[str, str]) -> Iterator[str]:
         mlflow = self.mlflow
-        run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags)
-        self.run_id = run.info.run_id
+        # MLflow's fluent API (start_run, log_model) reads a process-global URI, and
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI. Restore both afterwards so
+        # a later job in the same process (or its subprocesses) is not silently
+        # pointed at this job's store.
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.uri)
         status = "FAILED"
         try:
-            yield self.run_id
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
+            run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+            try:
+                yield self.run_id
+                status = "FINISHED"
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise
+            finally:
+                with contextlib.suppress(Exception):
+                    mlflow.flush_async_logging()
+                mlflow.end_run(status=status)
         finally:
-            with contextlib.suppress(Exception):
-                mlflow.flush_async_logging()
-            mlflow.end_run(status=status)
+            mlflow.set_tracking_uri(previous)  # None unsets the variable again
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.mlflow.log_params(flat_params(params))

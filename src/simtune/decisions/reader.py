@@ -146,7 +146,8 @@ def _read_file(path: Path) -> tuple[DatasetFile, Iterator[tuple[int, Any]]]:
 
 
 def _jsonl(text: str, path: str) -> Iterator[tuple[int, Any]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold raw U+2028, U+0085 and the like.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -154,6 +155,12 @@ def _jsonl(text: str, path: str) -> Iterator[tuple[int, Any]]:
         except json.JSONDecodeError as exc:
             raise DataError(f"invalid JSON ({exc.msg}, column {exc.colno})", path=path,
                             line=lineno) from None
+        except (RecursionError, ValueError) as exc:  # too deep; an over-long integer
+            raise DataError(f"invalid JSON ({_json_problem(exc)})", path=path, line=lineno) from None
+
+
+def _json_problem(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
 
 
 def _json_list(text: str, path: str) -> Iterator[tuple[int, Any]]:
@@ -173,20 +180,24 @@ def _json_list(text: str, path: str) -> Iterator[tuple[int, Any]]:
     pos = skip_ws(pos)
     if pos < n and text[pos] == "]":
         return
+    start_line, counted = 1, 0  # count newlines incrementally (a full recount is quadratic)
     while True:
         pos = skip_ws(pos)
-        start_line = text.count("\n", 0, pos) + 1
+        start_line += text.count("\n", counted, pos)
+        counted = pos
         try:
             obj, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise fail(exc.pos, exc.msg) from None
+        except (RecursionError, ValueError) as exc:
+            raise fail(counted, _json_problem(exc)) from None
         yield start_line, obj
         pos = skip_ws(pos)
         if pos >= n:
             raise fail(pos, "unterminated list")
         if text[pos] == "]":
             if text[pos + 1 :].strip():
-                raise fail(pos + 1, "extra data after the list")
+                raise fail(skip_ws(pos + 1), "extra data after the list")
             return
         if text[pos] != ",":
             raise fail(pos, "expected ',' or ']'")
@@ -254,7 +265,8 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
 
     step = obj.get("step")
     if step is not None:
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or float(step) != int(step):
+        if isinstance(step, bool) or not (isinstance(step, int)
+                                          or (isinstance(step, float) and step.is_integer())):
             raise bad("step", f"expected an integer, got {step!r}")
         step = int(step)
 
@@ -280,8 +292,10 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
 
     decision_id = obj.get("decision_id")
     if decision_id is None:
-        # Stable across re-reads of the same file, so filters and splits are reproducible.
-        decision_id = hashlib.sha1(f"{Path(path).name}:{line}".encode()).hexdigest()[:32]
+        # Stable across re-reads of the same file, so filters and splits are reproducible;
+        # the record's content keeps same-named files in different directories apart.
+        body = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
+        decision_id = hashlib.sha1(f"{Path(path).name}:{line}:{body}".encode()).hexdigest()[:32]
 
     def text(*names: str) -> str | None:
         value = next((obj[k] for k in names if obj.get(k) is not None), None)
@@ -317,7 +331,8 @@ def _messages(value: list[Any], fld: str, bad: Any) -> list[dict[str, str]]:
             raise bad(f"{fld}[{i}]", "expected an object with 'role' and 'content'")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI multi-part content: keep the text parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            parts = [p.get("text", "") for p in content if isinstance(p, dict)]
+            content = "".join(parts) if all(isinstance(t, str) for t in parts) else None
         if not isinstance(content, str):
             raise bad(f"{fld}[{i}].content", "expected a string")
         out.append({"role": m["role"], "content": content})

@@ -76,6 +76,10 @@ def finite_number(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a number, got {value!r}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal too large for a float
+        raise ValueError("expected a finite number, got an integer too large for a float") from None
+    if not math.isfinite(number):
         raise ValueError(f"expected a finite number, got {value!r}")
-    return float(value)
+    return number

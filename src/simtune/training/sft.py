@@ -92,6 +92,7 @@ def sft_args(cfg: TuningConfig, output_dir: Path) -> Any:
     """TRL SFTConfig from our config (shared by simtune and the plain-TRL benchmark)."""
     import dataclasses
 
+    import torch
     from trl import SFTConfig
 
     # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio).
@@ -122,6 +123,7 @@ def sft_args(cfg: TuningConfig, output_dir: Path) -> Any:
         completion_only_loss=True,
         report_to="none",
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=True,
         save_only_model=False,
     )
@@ -145,7 +147,22 @@ def train_sft(cfg: TuningConfig, examples: Examples, model: Any, tokenizer: Any,
         peft_config=None if isinstance(model, PeftModel) else lora_config(cfg),
         callbacks=callbacks,
     )
+    _quiet_progress(trainer)
     result = trainer.train()
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics.update(train_loss=float(result.training_loss), global_step=float(result.global_step))
     return metrics, trainer.model
+
+
+def _quiet_progress(trainer: Any) -> None:
+    """Keep the progress bar (stderr) but show loss on it instead of printing every log
+    dict to stdout, which would interleave with `--json` output."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class LossOnBar(ProgressCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            if self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(LossOnBar())

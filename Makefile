@@ -1,0 +1,18 @@
+# The two commands of the README. Both set up .venv first (idempotent, offline-safe).
+.PHONY: setup demo test lint bench
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/simtune demo
+
+test: setup
+	.venv/bin/python -m pytest
+
+lint: setup
+	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff format --check src tests bench
+
+bench: setup
+	.venv/bin/python bench/sft_vs_trl.py

@@ -1,0 +1,533 @@
+"""Benchmark: simtune SFT vs. a plain TRL SFTTrainer script, same model/data/hyper-parameters.
+
+What is compared
+    simtune: ``simtune.run_tuning(...)`` -- reads the decision file, tokenizes it itself,
+        trains LoRA with TRL's SFTTrainer, logs every step to an embedded MLflow sqlite
+        store and registers the adapter in the MLflow Model Registry.
+    trl: what a TRL user writes by hand -- ``Dataset.from_list`` of conversational
+        prompt/completion rows, ``SFTConfig`` + ``LoraConfig``, ``SFTTrainer(...).train()``
+        and ``trainer.save_model()``. It does not import anything from simtune's training
+        code; only the hyper-parameter *values* are copied from simtune's defaults.
+
+Metrics (median over ``--runs`` runs per side, each run in a fresh Python process)
+    tokens/s    trained tokens / ``train_runtime``. ``train_runtime`` is the Trainer's own
+                timer around the training loop only (no imports, model load, MLflow
+                setup or registration). Trained tokens is the SFTTrainer's cumulative
+                ``num_tokens`` (non-padding tokens fed), read from the trainer logs on
+                both sides (simtune: the MLflow metric ``train/num_tokens``), so both
+                sides count the same way.
+    peak RSS    ``ru_maxrss`` of the worker process (whole process lifetime).
+    end-to-end  wall time of the worker process, start to exit, as measured by the parent.
+
+Runs alternate simtune, trl, trl, simtune, ... so slow drift of the machine (thermal,
+other load) hits both sides alike.
+
+Usage
+    .venv/bin/python bench/sft_vs_trl.py --runs 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+SAMPLE = ROOT / "src" / "simtune" / "data" / "sample_decisions.jsonl"
+SIDES = ("simtune", "trl")
+
+# simtune's defaults (src/simtune/config.py), written out so the baseline does not need
+# simtune to build its arguments. `check_defaults` asserts they still match.
+HP: dict[str, Any] = {
+    "learning_rate": 2e-4,
+    "lr_scheduler_type": "cosine",
+    "warmup_ratio": 0.03,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "max_length": 1024,
+    "logging_steps": 1,
+    "seed": 42,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+}
+
+
+# --------------------------------------------------------------------------- workers
+def _peak_rss_mib() -> float:
+    # Linux reports ru_maxrss in KiB. Only RUSAGE_SELF: RUSAGE_CHILDREN is useless here,
+    # because a child forked for `git version` / `uname -p` (MLflow and GitPython do this
+    # at import) inherits the parent's high-water mark and reports it as its own.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    # Same intra-op thread count on both sides, pinned so the comparison does not depend
+    # on the environment (OMP_NUM_THREADS is set to the same value by the parent).
+    torch.set_num_threads(n)
+
+
+def _time_train(box: dict[str, float]) -> None:
+    """Record the process CPU time spent inside `Trainer.train`, on both sides alike.
+
+    On a shared machine wall time swings with other load; CPU time of the process
+    (all its threads, including MLflow's async logging thread) swings much less and is
+    the honest cost of a token. The patch wraps the same transformers method in both
+    workers, so neither side is measured differently."""
+    from transformers import Trainer
+
+    original = Trainer.train
+
+    def train(self: Any, *args: Any, **kwargs: Any) -> Any:
+        cpu0 = time.process_time()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            box["train_cpu_s"] = time.process_time() - cpu0
+
+    Trainer.train = train  # type: ignore[method-assign]
+
+
+def worker_simtune(a: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    _set_threads(a.threads)
+    import mlflow
+
+    import simtune
+
+    t_import = time.perf_counter() - t0
+    box: dict[str, float] = {}
+    _time_train(box)
+    result = simtune.run_tuning(
+        llm_path=a.model,
+        dataset_path=[a.data],
+        workspace=a.workdir,
+        max_steps=a.steps,
+        per_device_train_batch_size=HP["per_device_train_batch_size"],
+        learning_rate=HP["learning_rate"],
+        seed=HP["seed"],
+        logging_steps=HP["logging_steps"],
+    )
+    # The trainer's cumulative token counter, as simtune's callback logged it to MLflow.
+    history = mlflow.MlflowClient(result.tracking_uri).get_metric_history(
+        result.run_id, "train/num_tokens"
+    )
+    return {
+        "import_s": t_import,
+        "train_runtime_s": result.metrics["train_runtime"],
+        "num_tokens": max(m.value for m in history),
+        "num_log_points": len(history),
+        "train_loss": result.metrics["train_loss"],
+        "global_step": result.metrics["global_step"],
+        "dataset_tokens_per_epoch": result.dataset.get("num_tokens"),
+        **box,
+    }
+
+
+def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    _set_threads(a.threads)
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    t_import = time.perf_counter() - t0
+    box: dict[str, float] = {}
+    _time_train(box)
+
+    class TokenCounter(TrainerCallback):
+        """Keeps the trainer's cumulative `num_tokens` log, like simtune's MLflow callback."""
+
+        def __init__(self) -> None:
+            self.values: list[float] = []
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "num_tokens" in logs:
+                self.values.append(float(logs["num_tokens"]))
+
+    # The plain way: conversational prompt/completion rows; TRL tokenizes them.
+    rows = []
+    with open(a.data, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                rec = json.loads(line)
+                rows.append(
+                    {
+                        "prompt": [{"role": "user", "content": rec["prompt"]}],
+                        "completion": [{"role": "assistant", "content": rec["output"]}],
+                    }
+                )
+    train = Dataset.from_list(rows)
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model)
+    args = SFTConfig(
+        output_dir=str(Path(a.workdir) / "out"),
+        max_steps=a.steps,
+        learning_rate=HP["learning_rate"],
+        lr_scheduler_type=HP["lr_scheduler_type"],
+        # transformers 5 has no warmup_ratio; a float < 1 in warmup_steps is a ratio.
+        warmup_steps=HP["warmup_ratio"],
+        per_device_train_batch_size=HP["per_device_train_batch_size"],
+        gradient_accumulation_steps=HP["gradient_accumulation_steps"],
+        weight_decay=HP["weight_decay"],
+        max_grad_norm=HP["max_grad_norm"],
+        max_length=HP["max_length"],
+        logging_steps=HP["logging_steps"],
+        seed=HP["seed"],
+        # TRL's SFTConfig turns bf16 on by default, which fails on a CPU without bf16
+        # support; simtune's default is fp32 (bf16=False) too.
+        bf16=False,
+        # No mid-run checkpoints (simtune's default save_steps=0); the adapter is saved
+        # once after training, below.
+        save_strategy="no",
+        report_to="none",
+    )
+    peft_config = LoraConfig(
+        r=HP["lora_r"],
+        lora_alpha=HP["lora_alpha"],
+        lora_dropout=HP["lora_dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    counter = TokenCounter()
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[counter],
+    )
+    out = trainer.train()
+    trainer.save_model(str(Path(a.workdir) / "adapter"))
+    return {
+        "import_s": t_import,
+        "train_runtime_s": float(out.metrics["train_runtime"]),
+        "num_tokens": max(counter.values),
+        "num_log_points": len(counter.values),
+        "train_loss": float(out.training_loss),
+        "global_step": float(out.global_step),
+        **box,
+    }
+
+
+def worker_main(a: argparse.Namespace) -> None:
+    fn = worker_simtune if a.worker == "simtune" else worker_trl
+    res = fn(a)
+    res["peak_rss_mib"] = _peak_rss_mib()
+    res["tokens_per_s"] = res["num_tokens"] / res["train_runtime_s"]
+    res["tokens_per_cpu_s"] = res["num_tokens"] / res["train_cpu_s"]
+    # Last stdout line is the result; the trainer prints its own logs before it.
+    print(json.dumps(res), flush=True)
+
+
+# --------------------------------------------------------------------------- parent
+def check_defaults() -> None:
+    """Fail loudly if simtune's defaults moved away from the values copied into HP."""
+    from simtune.config import TuningConfig
+
+    cfg = TuningConfig()
+    for key, value in HP.items():
+        if hasattr(cfg, key) and getattr(cfg, key) != value and key != "logging_steps":
+            raise SystemExit(
+                f"HP[{key!r}]={value!r} but simtune's default is {getattr(cfg, key)!r}"
+            )
+    if cfg.lora_target_modules != ["all-linear"]:
+        raise SystemExit(f"simtune's lora_target_modules is now {cfg.lora_target_modules!r}")
+
+
+def make_data(src: Path, dst: Path, copies: int) -> int:
+    """Replicate the sample file `copies` times with unique decision ids.
+
+    simtune drops records whose decision_id repeats, so each copy gets its own id; the
+    baseline ignores ids, so both sides train on exactly the same rows."""
+    records = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line]
+    n = 0
+    with dst.open("w", encoding="utf-8") as fh:
+        for k in range(copies):
+            for rec in records:
+                fh.write(json.dumps({**rec, "decision_id": f"{rec['decision_id']}-{k}"}) + "\n")
+                n += 1
+    return n
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        # Keep the datasets cache out of ~/.cache and the same for both sides.
+        HF_DATASETS_CACHE=str(Path(tempfile.gettempdir()) / "simtune-bench-hf-datasets"),
+    )
+    # An inherited tracking server would make simtune's side measure the network.
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("SIMTUNE_HOME", None)
+    return env
+
+
+def run_worker(side: str, model: Path, data: Path, workdir: Path, a: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        side,
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--workdir",
+        str(workdir),
+        "--steps",
+        str(a.steps),
+        "--threads",
+        str(a.threads),
+    ]
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        cmd, env=worker_env(a.threads), capture_output=True, text=True, check=False
+    )
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"{side} worker failed with exit code {proc.returncode}")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    res = json.loads(lines[-1])
+    res["end_to_end_s"] = wall
+    # 1-minute load average around the run: a shared machine's noise shows up here.
+    res["loadavg_1m_before"] = load_before
+    res["loadavg_1m_after"] = os.getloadavg()[0]
+    res["side"] = side
+    return res
+
+
+def make_store(path: Path, threads: int) -> None:
+    """Create an empty MLflow sqlite store (all schema migrations applied) at `path`.
+
+    Creating a store runs MLflow's alembic migrations, which takes seconds; a user pays
+    it once per workspace, not per training job. With --store existing each simtune
+    run gets a copy of this pre-made store, i.e. the steady state of a workspace."""
+    code = (
+        "import mlflow, sys; mlflow.MlflowClient('sqlite:///' + sys.argv[1]).search_experiments()"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        env=worker_env(threads),
+        check=True,
+        capture_output=True,
+    )
+
+
+def warm_caches(threads: int) -> None:
+    """Import everything once so the first measured run doesn't pay for a cold page cache."""
+    code = "import torch, transformers, trl, peft, datasets, mlflow, simtune.api"
+    subprocess.run([sys.executable, "-c", code], env=worker_env(threads), check=True)
+
+
+def order(runs: int) -> list[str]:
+    # ABBA pattern: simtune, trl, trl, simtune, simtune, trl, ...
+    out: list[str] = []
+    for i in range(runs):
+        out += ["simtune", "trl"] if i % 2 == 0 else ["trl", "simtune"]
+    return out
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    pkgs = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "mlflow", "simtune")
+    return {p: version(p) for p in pkgs}
+
+
+def summarise(results: list[dict]) -> dict[str, dict[str, float]]:
+    keys = (
+        "tokens_per_s",
+        "tokens_per_cpu_s",
+        "peak_rss_mib",
+        "end_to_end_s",
+        "train_runtime_s",
+        "train_cpu_s",
+    )
+    med: dict[str, dict[str, float]] = {}
+    for side in SIDES:
+        rows = [r for r in results if r["side"] == side]
+        med[side] = {k: statistics.median(r[k] for r in rows) for k in keys}
+        med[side]["non_training_s"] = statistics.median(
+            r["end_to_end_s"] - r["train_runtime_s"] for r in rows
+        )
+    return med
+
+
+def markdown(med: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
+    s, t = med["simtune"], med["trl"]
+    rows = [
+        ("Throughput (tokens/s, training loop)", "tokens_per_s", "{:,.0f}"),
+        ("Throughput (tokens per CPU-second, training)", "tokens_per_cpu_s", "{:,.0f}"),
+        ("Peak RSS (MiB)", "peak_rss_mib", "{:,.0f}"),
+        ("End-to-end wall time (s)", "end_to_end_s", "{:.2f}"),
+        ("  of which training loop (s)", "train_runtime_s", "{:.2f}"),
+        ("  of which everything else (s)", "non_training_s", "{:.2f}"),
+    ]
+    out = [
+        f"## simtune SFT vs plain TRL SFTTrainer ({meta['date']})",
+        "",
+        f"Medians of {meta['runs']} runs per side, each in a fresh process; "
+        f"{meta['steps']} optimizer steps, batch {HP['per_device_train_batch_size']}, "
+        f"{meta['records']} records, tiny random Llama (CPU, {meta['threads']} torch threads); "
+        f"simtune's MLflow store: {meta['store']}.",
+        "",
+        "| metric | simtune | plain TRL | simtune / TRL |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, key, fmt in rows:
+        ratio = s[key] / t[key] if t[key] else float("nan")
+        out.append(f"| {label} | {fmt.format(s[key])} | {fmt.format(t[key])} | {ratio:.3f}x |")
+    m = meta["machine"]
+    out += [
+        "",
+        f"Same training on both sides: tokens {meta['check']['num_tokens']}, "
+        f"final train_loss simtune {meta['check']['loss_simtune']:.6f} vs "
+        f"TRL {meta['check']['loss_trl']:.6f}.",
+        "",
+        f"1-minute load average seen around the runs: {meta['loadavg_1m'][0]:.1f} to "
+        f"{meta['loadavg_1m'][1]:.1f} (the machine has {meta['machine']['cpu_count']} CPUs).",
+        "",
+        f"Machine: {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+        + ".",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def parent_main(a: argparse.Namespace) -> None:
+    check_defaults()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="simtune-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        from simtune.testing import make_tiny_model
+
+        model = make_tiny_model(tmp / "tiny-model")
+        data = tmp / "decisions_bench.jsonl"
+        n_records = make_data(SAMPLE, data, a.copies)
+        warm_caches(a.threads)
+        store = tmp / "store" / "mlflow.db"
+        if a.store == "existing":
+            store.parent.mkdir()
+            make_store(store, a.threads)
+
+        results: list[dict] = []
+        for i, side in enumerate(order(a.runs)):
+            # A fresh workspace per run so runs don't see each other's models; with
+            # --store existing it starts with an already-migrated MLflow store.
+            workdir = tmp / f"run-{i}-{side}"
+            workdir.mkdir()
+            if side == "simtune" and a.store == "existing":
+                shutil.copyfile(store, workdir / "mlflow.db")
+            res = run_worker(side, model, data, workdir, a)
+            results.append(res)
+            print(
+                f"[{i + 1}/{2 * a.runs}] {side:8s} {res['tokens_per_s']:9,.0f} tok/s  "
+                f"train {res['train_runtime_s']:5.2f}s  e2e {res['end_to_end_s']:5.2f}s  "
+                f"rss {res['peak_rss_mib']:6.0f} MiB  loss {res['train_loss']:.6f}  "
+                f"load {res['loadavg_1m_before']:.1f}->{res['loadavg_1m_after']:.1f}",
+                flush=True,
+            )
+
+    med = summarise(results)
+    tokens = sorted({r["num_tokens"] for r in results})
+    losses = {
+        side: statistics.median(r["train_loss"] for r in results if r["side"] == side)
+        for side in SIDES
+    }
+    meta = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "runs": a.runs,
+        "steps": a.steps,
+        "threads": a.threads,
+        "store": a.store,
+        "records": n_records,
+        "command": " ".join([".venv/bin/python", "bench/sft_vs_trl.py", *sys.argv[1:]]),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "python": platform.python_version(),
+        },
+        "versions": versions(),
+        "hyper_parameters": HP,
+        "loadavg_1m": [
+            min(min(r["loadavg_1m_before"], r["loadavg_1m_after"]) for r in results),
+            max(max(r["loadavg_1m_before"], r["loadavg_1m_after"]) for r in results),
+        ],
+        "check": {
+            "num_tokens": tokens[0] if len(tokens) == 1 else tokens,
+            "loss_simtune": losses["simtune"],
+            "loss_trl": losses["trl"],
+        },
+    }
+    if len(tokens) != 1:
+        print(f"WARNING: the sides trained on different token counts: {tokens}", flush=True)
+    md = markdown(med, meta)
+    print()
+    print(md)
+    (RESULTS / "sft_vs_trl.md").write_text(md, encoding="utf-8")
+    (RESULTS / "sft_vs_trl.json").write_text(
+        json.dumps({"meta": meta, "medians": med, "runs": results}, indent=2), encoding="utf-8"
+    )
+    print(f"wrote {RESULTS / 'sft_vs_trl.md'} and {RESULTS / 'sft_vs_trl.json'}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--runs", type=int, default=5, help="measured runs per side (default 5)")
+    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
+    p.add_argument(
+        "--store",
+        choices=("existing", "fresh"),
+        default="existing",
+        help="simtune's MLflow store: 'existing' (a workspace already used before, default) "
+        "or 'fresh' (first job in a new workspace: pays the store's schema migrations)",
+    )
+    p.add_argument("--copies", type=int, default=8, help="times the 48-record sample is repeated")
+    # 1 thread by default: with 2 OpenMP threads on a 2-core machine, any other load
+    # makes the threads spin-wait for each other (measured: 20x slower steps at load 4),
+    # which swamps what this benchmark is after.
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    # Internal: one measured run in this (fresh) process.
+    p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        worker_main(a)
+    else:
+        parent_main(a)
+
+
+if __name__ == "__main__":
+    main()
