@@ -450,7 +450,8 @@ def parent_main(a: argparse.Namespace) -> None:
             res = run_worker(side, model, data, workdir, a)
             results.append(res)
             print(
-                f"[{i + 1}/{2 * a.runs}] {side:8s} {res['tokens_per_s']:9,.0f} tok/s  "
+                f"[{i + 1}/{2 * a.runs}] {side:8s} {res['tokens_per_s']:6,.0f} tok/s "
+                f"{res['tokens_per_cpu_s']:6,.0f} tok/cpu-s  "
                 f"train {res['train_runtime_s']:5.2f}s  e2e {res['end_to_end_s']:5.2f}s  "
                 f"rss {res['peak_rss_mib']:6.0f} MiB  loss {res['train_loss']:.6f}  "
                 f"load {res['loadavg_1m_before']:.1f}->{res['loadavg_1m_after']:.1f}",

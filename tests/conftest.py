@@ -45,7 +45,9 @@ def workspace(tmp_path: Path) -> Path:
 def onesim(tmp_path: Path) -> Path:
     """The seed simulator's sample files, copied so nothing can write next to them."""
     if not SHARED_FIXTURES.is_dir():
-        pytest.skip(f"shared fixtures not present at {SHARED_FIXTURES} (only in the team's checkout)")
+        pytest.skip(
+            f"shared fixtures not present at {SHARED_FIXTURES} (only in the team's checkout)"
+        )
     dst = tmp_path / "onesim"
     dst.mkdir()
     for f in SHARED_FIXTURES.glob("*.json"):
@@ -97,11 +99,25 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     port = free_port()
     log = open(root / "server.log", "wb")  # noqa: SIM115 (closed in teardown)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
@@ -118,8 +134,16 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     log.close()
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run the real `simtune` console script in a subprocess."""
     exe = Path(sys.executable).with_name("simtune")
-    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [str(exe), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )

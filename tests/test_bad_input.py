@@ -37,16 +37,26 @@ def write(path: Path, text: str) -> Path:
 
 CASES = {
     "missing file": (lambda d: d / "nope.jsonl", ["nope.jsonl", "no such file"]),
-    "invalid json": (lambda d: write(d / "bad.jsonl", '{"prompt": "a", "output": "b"}\n{oops\n'),
-                     ["bad.jsonl:2", "invalid JSON"]),
-    "no prompt": (lambda d: write(d / "np.jsonl", '{"prompt": "a", "output": "b"}\n{"output": "b"}\n'),
-                  ["np.jsonl:2", "'prompt'"]),
-    "no output": (lambda d: write(d / "no.json", '[\n {"prompt": "a", "output": "b"},\n {"prompt": "a"}\n]'),
-                  ["no.json:3", "'output'"]),
-    "nan rating": (lambda d: write(d / "nan.jsonl", '{"prompt": "a", "output": "b", "rating": NaN}\n'),
-                   ["nan.jsonl:1", "'rating'"]),
-    "text reward": (lambda d: write(d / "tr.jsonl", '{"prompt": "a", "output": "b", "reward": "high"}\n'),
-                    ["tr.jsonl:1", "'reward'"]),
+    "invalid json": (
+        lambda d: write(d / "bad.jsonl", '{"prompt": "a", "output": "b"}\n{oops\n'),
+        ["bad.jsonl:2", "invalid JSON"],
+    ),
+    "no prompt": (
+        lambda d: write(d / "np.jsonl", '{"prompt": "a", "output": "b"}\n{"output": "b"}\n'),
+        ["np.jsonl:2", "'prompt'"],
+    ),
+    "no output": (
+        lambda d: write(d / "no.json", '[\n {"prompt": "a", "output": "b"},\n {"prompt": "a"}\n]'),
+        ["no.json:3", "'output'"],
+    ),
+    "nan rating": (
+        lambda d: write(d / "nan.jsonl", '{"prompt": "a", "output": "b", "rating": NaN}\n'),
+        ["nan.jsonl:1", "'rating'"],
+    ),
+    "text reward": (
+        lambda d: write(d / "tr.jsonl", '{"prompt": "a", "output": "b", "reward": "high"}\n'),
+        ["tr.jsonl:1", "'reward'"],
+    ),
     "empty dataset": (lambda d: write(d / "empty.jsonl", "\n\n"), ["empty.jsonl", "empty"]),
     "unreadable dir": (lambda d: (d / "sub").mkdir() or d / "sub", ["sub", "no decisions_"]),
 }
@@ -56,22 +66,47 @@ CASES = {
 def test_bad_dataset(case, tmp_path, tiny_model, workspace):
     make, needles = CASES[case]
     data = make(tmp_path)
-    proc = run_cli("train", "--llm_path", str(tiny_model), "--dataset_path", str(data),
-                   "--workspace", str(workspace))
+    proc = run_cli(
+        "train",
+        "--llm_path",
+        str(tiny_model),
+        "--dataset_path",
+        str(data),
+        "--workspace",
+        str(workspace),
+    )
     one_line_error(proc, *needles)
     assert_nothing_left(workspace)
 
 
 def test_zero_records_after_filters(tiny_model, workspace):
-    proc = run_cli("train", "--llm-path", str(tiny_model), "--dataset-path", str(SAMPLE),
-                   "--min-rating", "9", "--workspace", str(workspace))
+    proc = run_cli(
+        "train",
+        "--llm-path",
+        str(tiny_model),
+        "--dataset-path",
+        str(SAMPLE),
+        "--min-rating",
+        "9",
+        "--workspace",
+        str(workspace),
+    )
     one_line_error(proc, "no usable records", "min_rating: 48")
     assert_nothing_left(workspace)
 
 
 def test_unknown_tuning_mode(tiny_model, workspace):
-    proc = run_cli("train", "--tuning_mode", "dpo", "--llm_path", str(tiny_model),
-                   "--dataset_path", str(SAMPLE), "--workspace", str(workspace))
+    proc = run_cli(
+        "train",
+        "--tuning_mode",
+        "dpo",
+        "--llm_path",
+        str(tiny_model),
+        "--dataset_path",
+        str(SAMPLE),
+        "--workspace",
+        str(workspace),
+    )
     one_line_error(proc, "--tuning_mode")
     assert_nothing_left(workspace)
 
@@ -85,30 +120,55 @@ def test_model_path_that_is_not_a_model(kind, tmp_path, tiny_model, workspace):
     elif kind == "pickle weights":
         shutil.copytree(tiny_model, path)
         (path / "model.safetensors").rename(path / "pytorch_model.bin")
-    proc = run_cli("train", "--llm_path", str(path), "--dataset_path", str(SAMPLE),
-                   "--workspace", str(workspace))
+    proc = run_cli(
+        "train",
+        "--llm_path",
+        str(path),
+        "--dataset_path",
+        str(SAMPLE),
+        "--workspace",
+        str(workspace),
+    )
     one_line_error(proc, "--llm_path")
     assert_nothing_left(workspace)
 
 
 def test_unreachable_tracking_server(tiny_model, workspace):
     uri = f"http://127.0.0.1:{free_port()}"
-    proc = run_cli("train", "--llm_path", str(tiny_model), "--dataset_path", str(SAMPLE),
-                   "--workspace", str(workspace), "--tracking_uri", uri)
+    proc = run_cli(
+        "train",
+        "--llm_path",
+        str(tiny_model),
+        "--dataset_path",
+        str(SAMPLE),
+        "--workspace",
+        str(workspace),
+        "--tracking_uri",
+        uri,
+    )
     one_line_error(proc, "--tracking_uri", uri)
     assert_nothing_left(workspace)
 
 
 @pytest.mark.slow
-def test_failure_during_training_marks_run_failed_and_registers_nothing(tmp_path, tiny_model, workspace):
+def test_failure_during_training_marks_run_failed_and_registers_nothing(
+    tmp_path, tiny_model, workspace
+):
     """Weights that only break at load time fail inside the run: FAILED, nothing registered."""
     import mlflow
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
     (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
-    proc = run_cli("train", "--llm_path", str(broken), "--dataset_path", str(SAMPLE),
-                   "--workspace", str(workspace))
+    proc = run_cli(
+        "train",
+        "--llm_path",
+        str(broken),
+        "--dataset_path",
+        str(SAMPLE),
+        "--workspace",
+        str(workspace),
+    )
     one_line_error(proc, "--llm_path", "cannot load model")
     client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("llm_tuning").experiment_id])

@@ -147,7 +147,7 @@ def test_empty_yaml_is_all_defaults(tmp_path: Path) -> None:
         ({"lora_r": 0}, "--lora_r: must be a positive number"),
         ({"max_samples": 0}, "--max_samples: must be positive"),
         ({"save_steps": -1}, "--save_steps: must be >= 0"),
-        ({"num_train_epochs": 0}, "--num_train_epochs: must be > 0"),
+        ({"num_train_epochs": 0}, "--num_train_epochs: must be a finite number > 0"),
         ({"bf16": "maybe"}, "--bf16: expected bool, got 'maybe'"),
         ({"logging_steps": True}, "--logging_steps: expected int, got True"),
         ({"experiment_name": "  "}, "--experiment_name: must not be empty"),
@@ -459,3 +459,20 @@ def test_parser_is_argparse_with_one_line_errors() -> None:
     with pytest.raises(SystemExit) as info:
         parser.parse_args(["train", "--lora_r"])
     assert info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "flag"),
+    [
+        ("save_steps", None, "--save_steps"),
+        ("seed", None, "--seed"),
+        ("bf16", None, "--bf16"),
+        ("num_train_epochs", float("inf"), "--num_train_epochs"),
+        ("weight_decay", -5, "--weight_decay"),
+        ("min_rating", float("nan"), "--min_rating"),
+    ],
+)
+def test_null_or_non_finite_values_name_the_flag(key, value, flag):
+    overrides = {"llm_path": "m", "dataset_path": ["d"], key: value}
+    with pytest.raises(ConfigError, match=flag):
+        build_config(overrides=overrides)

@@ -21,8 +21,10 @@ Registry(Path(sys.argv[1])).add({"model_id": sys.argv[2], "path": str(Path(sys.a
 
 
 def test_eight_parallel_registrations_leave_eight_entries(tmp_path):
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), f"model-{i}"])
-             for i in range(8)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), f"model-{i}"])
+        for i in range(8)
+    ]
     assert [p.wait(timeout=60) for p in procs] == [0] * 8
     data = json.loads((tmp_path / "models" / "registry.json").read_text())
     assert sorted(e["model_id"] for e in data["models"]) == [f"model-{i}" for i in range(8)]

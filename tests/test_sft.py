@@ -11,15 +11,28 @@ from conftest import SAMPLE, run_cli
 
 pytestmark = pytest.mark.slow
 
-FAST = dict(max_steps=12, learning_rate=5e-3, per_device_train_batch_size=8, warmup_ratio=0.0,
-            lr_scheduler_type="constant", logging_steps=1, seed=0, lora_dropout=0.0)
+FAST = dict(
+    max_steps=12,
+    learning_rate=5e-3,
+    per_device_train_batch_size=8,
+    warmup_ratio=0.0,
+    lr_scheduler_type="constant",
+    logging_steps=1,
+    seed=0,
+    lora_dropout=0.0,
+)
 
 
 def train(workspace: Path, model: Path | str, data: list[Path] | None = None, **kw):
     from simtune import run_tuning
 
-    opts = {**FAST, "llm_path": str(model), "dataset_path": [str(p) for p in (data or [SAMPLE])],
-            "workspace": str(workspace), **kw}
+    opts = {
+        **FAST,
+        "llm_path": str(model),
+        "dataset_path": [str(p) for p in (data or [SAMPLE])],
+        "workspace": str(workspace),
+        **kw,
+    }
     return run_tuning(**opts)
 
 
@@ -32,11 +45,12 @@ def trained(tmp_path_factory, tiny_model):
 def _examples(tiny_model: Path, **cfg_kw):
     from simtune.config import build_config
     from simtune.decisions import read_dataset
-    from simtune.training.model import load_model, load_tokenizer, resolve_model
+    from simtune.training.model import load_tokenizer, resolve_model
     from simtune.training.sft import build_examples
 
-    cfg = build_config(overrides={"llm_path": str(tiny_model), "dataset_path": [str(SAMPLE)],
-                                  **FAST, **cfg_kw})
+    cfg = build_config(
+        overrides={"llm_path": str(tiny_model), "dataset_path": [str(SAMPLE)], **FAST, **cfg_kw}
+    )
     spec = resolve_model(str(tiny_model))
     tok = load_tokenizer(spec)
     ds = read_dataset([str(SAMPLE)])
@@ -51,8 +65,11 @@ def test_lora_params_change_and_base_params_do_not(tiny_model, tmp_path):
     model = load_model(spec, trainable_adapter=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _, trained = train_sft(cfg, ex, model, tok, tmp_path, [])
-    after = {n.replace("base_model.model.", "", 1).replace(".base_layer", ""): p.detach()
-             for n, p in trained.named_parameters() if "lora_" not in n}
+    after = {
+        n.replace("base_model.model.", "", 1).replace(".base_layer", ""): p.detach()
+        for n, p in trained.named_parameters()
+        if "lora_" not in n
+    }
     lora = {n: p.detach() for n, p in trained.named_parameters() if "lora_" in n}
 
     assert lora, "no LoRA parameters were created"
@@ -70,7 +87,9 @@ def test_completion_only_labels_and_left_truncation(tiny_model):
     for ids, mask in zip(ex.input_ids, ex.completion_mask, strict=True):
         assert len(ids) <= 24 and len(ids) == len(mask)
         n_answer = sum(mask)
-        assert n_answer > 0 and mask[-n_answer:] == [1] * n_answer  # the answer survives, at the end
+        assert (
+            n_answer > 0 and mask[-n_answer:] == [1] * n_answer
+        )  # the answer survives, at the end
         assert tok.decode(ids[-n_answer:]).endswith("<|im_end|>\n")
 
 
@@ -83,14 +102,24 @@ def test_batch_size_times_accumulation_invariant(tiny_model, tmp_path):
 
     results = []
     for bs, acc in ((8, 1), (1, 8)):
-        cfg, spec, tok, ex = _examples(tiny_model, max_steps=1, per_device_train_batch_size=bs,
-                                       gradient_accumulation_steps=acc, max_samples=8)
+        cfg, spec, tok, ex = _examples(
+            tiny_model,
+            max_steps=1,
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=acc,
+            max_samples=8,
+        )
         ex.input_ids, ex.completion_mask = ex.input_ids[:8], ex.completion_mask[:8]
         torch.manual_seed(0)
-        metrics, model = train_sft(cfg, ex, load_model(spec, trainable_adapter=True), tok,
-                                   tmp_path / f"{bs}x{acc}", [])
-        results.append((metrics["train_loss"],
-                        {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}))
+        metrics, model = train_sft(
+            cfg, ex, load_model(spec, trainable_adapter=True), tok, tmp_path / f"{bs}x{acc}", []
+        )
+        results.append(
+            (
+                metrics["train_loss"],
+                {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n},
+            )
+        )
     (loss_a, wa), (loss_b, wb) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-4)
     for name in wa:
@@ -104,7 +133,12 @@ def test_run_tuning_trains_tracks_and_registers(trained):
     assert "MLFLOW_TRACKING_URI" not in os.environ, "run_tuning leaked its tracking URI"
     adapter = Path(result.adapter_path)
     assert adapter.parent == ws / "models" and adapter.name == result.model_id
-    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "simtune.json"):
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "simtune.json",
+    ):
         assert (adapter / name).is_file(), name
     meta = json.loads((adapter / "simtune.json").read_text())
     assert meta["config"]["learning_rate"] == FAST["learning_rate"]
@@ -142,8 +176,9 @@ def test_registered_model_loads_generates_and_holds_no_base_weights(trained, tin
 
     _, result = trained
     mlflow.set_tracking_uri(result.tracking_uri)
-    version = mlflow.MlflowClient().get_model_version(result.registered_model_name,
-                                                      result.registered_model_version)
+    version = mlflow.MlflowClient().get_model_version(
+        result.registered_model_name, result.registered_model_version
+    )
     assert version.tags["simtune.model_id"] == result.model_id
     local = Path(mlflow.artifacts.download_artifacts(version.source))
     files = [f for f in local.rglob("*") if f.is_file()]
@@ -153,8 +188,9 @@ def test_registered_model_loads_generates_and_holds_no_base_weights(trained, tin
     assert sum(f.stat().st_size for f in files) < adapter_bytes + base_bytes / 2
 
     model = mlflow.pyfunc.load_model(result.model_uri)
-    out = model.predict(["How many jobs do you apply to?", "Whom do you interview?"],
-                        params={"max_new_tokens": 8})
+    out = model.predict(
+        ["How many jobs do you apply to?", "Whom do you interview?"], params={"max_new_tokens": 8}
+    )
     assert isinstance(out, list) and len(out) == 2 and all(isinstance(s, str) for s in out)
     assert any(s for s in out), "generated nothing"
 
@@ -166,8 +202,10 @@ def test_continue_training_from_adapter(trained, tmp_path):
     second = train(ws, first.adapter_path, max_steps=3)
     meta = json.loads((Path(second.adapter_path) / "simtune.json").read_text())
     assert meta["continued_from_adapter"] == first.adapter_path
-    assert meta["base_model"]["path"] == json.loads(
-        (Path(first.adapter_path) / "simtune.json").read_text())["base_model"]["path"]
+    assert (
+        meta["base_model"]["path"]
+        == json.loads((Path(first.adapter_path) / "simtune.json").read_text())["base_model"]["path"]
+    )
     w1 = load_file(str(Path(first.adapter_path) / "adapter_model.safetensors"))
     w2 = load_file(str(Path(second.adapter_path) / "adapter_model.safetensors"))
     assert w1.keys() == w2.keys()
@@ -177,14 +215,22 @@ def test_continue_training_from_adapter(trained, tmp_path):
     assert max(diffs) < 1.0
     # a model id from the registry works as --llm_path too
     third = train(ws, first.model_id, max_steps=1)
-    assert json.loads((Path(third.adapter_path) / "simtune.json").read_text())[
-        "continued_from_adapter"] == first.adapter_path
+    assert (
+        json.loads((Path(third.adapter_path) / "simtune.json").read_text())[
+            "continued_from_adapter"
+        ]
+        == first.adapter_path
+    )
 
 
 def test_seed_fixture_files_train_as_they_are(onesim, tiny_model, workspace):
-    result = train(workspace, tiny_model, data=[onesim / "processed_data.json",
-                                               onesim / "original_data.json"],
-                   max_steps=2, max_length=512)
+    result = train(
+        workspace,
+        tiny_model,
+        data=[onesim / "processed_data.json", onesim / "original_data.json"],
+        max_steps=2,
+        max_length=512,
+    )
     assert result.dataset["num_used"] == 11
     assert result.dataset["with_feedback_target"] == 2  # refined_output used as the target
     assert result.dataset["truncated_prompts"] > 0  # long prompts cut from the left, answer kept

@@ -23,8 +23,9 @@ def test_make_tiny_model_writes_a_loadable_chat_model(tmp_path):
     tok = AutoTokenizer.from_pretrained(tmp_path / "tiny")
     assert 10_000 < sum(p.numel() for p in model.parameters()) < 1_000_000
     assert not list((tmp_path / "tiny").glob("*.bin"))
-    prompt = tok.apply_chat_template([{"role": "user", "content": "求职 jobs?"}],
-                                     add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "求职 jobs?"}], add_generation_prompt=True, tokenize=False
+    )
     assert prompt.endswith("<|im_start|>assistant\n")
     ids = tok("求职 jobs?")["input_ids"]
     assert tok.decode(ids) == "求职 jobs?"  # byte-level: any UTF-8 round-trips
@@ -34,8 +35,12 @@ def test_make_tiny_model_writes_a_loadable_chat_model(tmp_path):
 def test_ui_serves_the_workspace_store(tmp_path):
     port = free_port()
     exe = Path(sys.executable).with_name("simtune")
-    proc = subprocess.Popen([str(exe), "ui", "--workspace", str(tmp_path), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(exe), "ui", "--workspace", str(tmp_path), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:

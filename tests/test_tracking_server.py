@@ -16,15 +16,39 @@ def test_cli_train_against_mlflow_server(mlflow_server, tiny_model, workspace, t
     import yaml
 
     config = tmp_path / "job.yaml"
-    config.write_text(yaml.safe_dump({
-        "llm_path": str(tiny_model), "dataset-path": [str(SAMPLE)], "max_steps": 99,
-        "learning_rate": 5e-3, "experiment_name": "from-yaml", "lora_r": 4,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "llm_path": str(tiny_model),
+                "dataset-path": [str(SAMPLE)],
+                "max_steps": 99,
+                "learning_rate": 5e-3,
+                "experiment_name": "from-yaml",
+                "lora_r": 4,
+            }
+        )
+    )
     # Seed flag names and kebab twins, and flags overriding the YAML file.
-    proc = run_cli("train", "--config", str(config), "--tuning_mode", "sft",
-                   "--tracking_uri", mlflow_server, "--experiment-name", "server-test",
-                   "--max-steps", "4", "--per_device_train_batch_size", "8", "--devices", "0",
-                   "--workspace", str(workspace), "--json")
+    proc = run_cli(
+        "train",
+        "--config",
+        str(config),
+        "--tuning_mode",
+        "sft",
+        "--tracking_uri",
+        mlflow_server,
+        "--experiment-name",
+        "server-test",
+        "--max-steps",
+        "4",
+        "--per_device_train_batch_size",
+        "8",
+        "--devices",
+        "0",
+        "--workspace",
+        str(workspace),
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["tracking_uri"] == mlflow_server
@@ -34,7 +58,12 @@ def test_cli_train_against_mlflow_server(mlflow_server, tiny_model, workspace, t
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "server-test"
     assert run.data.params["lora_r"] == "4" and run.data.params["max_steps"] == "4"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [
+        1,
+        2,
+        3,
+        4,
+    ]
     assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
     name = result["registered_model_name"]

@@ -73,18 +73,27 @@ def run_tuning(config: TuningConfig | str | None = None, /, **options: Any) -> T
     from simtune.training.model import resolve_model
 
     dataset = read_dataset(cfg.dataset_path)
-    selection = select(dataset.decisions, min_rating=cfg.min_rating, min_reward=cfg.min_reward,
-                       agent_types=cfg.agent_types, max_samples=cfg.max_samples)
+    selection = select(
+        dataset.decisions,
+        min_rating=cfg.min_rating,
+        min_reward=cfg.min_reward,
+        agent_types=cfg.agent_types,
+        max_samples=cfg.max_samples,
+    )
     if not selection.decisions:
         dropped = ", ".join(f"{k}: {v}" for k, v in selection.dropped.items() if v) or "none"
         where = dataset.files[0].path if len(dataset.files) == 1 else f"{len(dataset.files)} files"
-        raise DataError(f"no usable records ({len(dataset.decisions)} read; dropped by filters: {dropped})",
-                        path=where)
+        raise DataError(
+            f"no usable records ({len(dataset.decisions)} read; dropped by filters: {dropped})",
+            path=where,
+        )
     stats = describe(dataset, selection)
     spec = resolve_model(cfg.llm_path or "", workspace)
 
     model_id = new_model_id(cfg.tuning_mode, spec.base_name)
-    final_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else workspace / "models" / model_id
+    final_dir = (
+        Path(cfg.output_dir).resolve() if cfg.output_dir else workspace / "models" / model_id
+    )
     if final_dir.exists():
         raise ConfigError(f"--output_dir: {final_dir} already exists; choose another")
 
@@ -98,47 +107,70 @@ def run_tuning(config: TuningConfig | str | None = None, /, **options: Any) -> T
 
     tokenizer = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
     examples = build_examples(selection.decisions, tokenizer, cfg)
-    stats.update(num_tokens=examples.num_tokens, num_completion_tokens=examples.num_completion_tokens,
-                 truncated_prompts=examples.truncated_prompts)
+    stats.update(
+        num_tokens=examples.num_tokens,
+        num_completion_tokens=examples.num_completion_tokens,
+        truncated_prompts=examples.truncated_prompts,
+    )
 
     tracker = Tracker(tracking_uri, cfg.experiment_name, workspace)
     registered_name = cfg.registered_model_name or f"{cfg.experiment_name}-{cfg.tuning_mode}"
 
     # --- 2. train in a staging dir; publish only on success ---------------------------
     staging = final_dir.parent / f".staging-{model_id}"
-    tags = {"simtune.model_id": model_id, "simtune.tuning_mode": cfg.tuning_mode,
-            "simtune.base_model": spec.base}
+    tags = {
+        "simtune.model_id": model_id,
+        "simtune.tuning_mode": cfg.tuning_mode,
+        "simtune.base_model": spec.base,
+    }
     published = False
     try:
         with tracker.run(cfg.run_name or model_id, tags) as run_id:
             tracker.log_params(cfg.to_dict())
             tracker.log_dataset(stats)
-            model = load_model(spec, trainable_adapter=True, bf16=cfg.bf16, fp16=cfg.fp16,
-                               trust_remote_code=cfg.trust_remote_code)
-            metrics, trained = train_sft(cfg, examples, model, tokenizer, staging,
-                                         [tracker.metrics_callback()])
+            model = load_model(
+                spec,
+                trainable_adapter=True,
+                bf16=cfg.bf16,
+                fp16=cfg.fp16,
+                trust_remote_code=cfg.trust_remote_code,
+            )
+            metrics, trained = train_sft(
+                cfg, examples, model, tokenizer, staging, [tracker.metrics_callback()]
+            )
             adapter_dir = staging / "adapter"
             trained.save_pretrained(str(adapter_dir), safe_serialization=True)
             tokenizer.save_pretrained(str(adapter_dir))
             shutil.rmtree(staging / "checkpoints", ignore_errors=True)
 
             version, model_uri = tracker.register(
-                adapter_dir, name=registered_name, base_model=spec.base,
-                base_is_local=spec.base_is_local, tags=tags,
+                adapter_dir,
+                name=registered_name,
+                base_model=spec.base,
+                base_is_local=spec.base_is_local,
+                tags=tags,
             )
             meta = {
                 "model_id": model_id,
                 "tuning_mode": cfg.tuning_mode,
                 "created_at": datetime.now(timezone.utc).isoformat(),
-                "base_model": {"path": spec.base, "is_local": spec.base_is_local,
-                               "fingerprint": spec.base_fingerprint},
+                "base_model": {
+                    "path": spec.base,
+                    "is_local": spec.base_is_local,
+                    "fingerprint": spec.base_fingerprint,
+                },
                 "continued_from_adapter": spec.adapter,
                 "config": cfg.to_dict(),
                 "dataset": stats,
                 "metrics": metrics,
-                "mlflow": {"tracking_uri": tracking_uri, "experiment_id": tracker.experiment_id,
-                           "run_id": run_id, "registered_model_name": registered_name,
-                           "registered_model_version": version, "model_uri": model_uri},
+                "mlflow": {
+                    "tracking_uri": tracking_uri,
+                    "experiment_id": tracker.experiment_id,
+                    "run_id": run_id,
+                    "registered_model_name": registered_name,
+                    "registered_model_version": version,
+                    "model_uri": model_uri,
+                },
             }
             (adapter_dir / "simtune.json").write_text(json.dumps(meta, indent=2, default=str))
             tracker.log_artifacts(adapter_dir, "adapter")
@@ -156,25 +188,35 @@ def run_tuning(config: TuningConfig | str | None = None, /, **options: Any) -> T
         shutil.rmtree(staging, ignore_errors=True)
 
     return TuningResult(
-        model_id=model_id, adapter_path=str(final_dir), run_id=run_id,
-        experiment_id=tracker.experiment_id, tracking_uri=tracking_uri,
-        registered_model_name=registered_name, registered_model_version=version,
-        model_uri=model_uri, metrics=metrics, dataset=stats,
+        model_id=model_id,
+        adapter_path=str(final_dir),
+        run_id=run_id,
+        experiment_id=tracker.experiment_id,
+        tracking_uri=tracking_uri,
+        registered_model_name=registered_name,
+        registered_model_version=version,
+        model_uri=model_uri,
+        metrics=metrics,
+        dataset=stats,
     )
 
 
 def _registry_add(workspace: Path, meta: dict[str, Any], path: Path) -> None:
     from simtune.registry import Registry
 
-    Registry(workspace).add({
-        "model_id": meta["model_id"],
-        "path": str(path),
-        "tuning_mode": meta["tuning_mode"],
-        "created_at": meta["created_at"],
-        "base_model": meta["base_model"]["path"],
-        "base_model_fingerprint": meta["base_model"]["fingerprint"],
-        "dataset_files": [{"path": f["path"], "sha256": f["sha256"], "records": f["records"]}
-                          for f in meta["dataset"]["files"]],
-        "metrics": meta["metrics"],
-        "mlflow": meta["mlflow"],
-    })
+    Registry(workspace).add(
+        {
+            "model_id": meta["model_id"],
+            "path": str(path),
+            "tuning_mode": meta["tuning_mode"],
+            "created_at": meta["created_at"],
+            "base_model": meta["base_model"]["path"],
+            "base_model_fingerprint": meta["base_model"]["fingerprint"],
+            "dataset_files": [
+                {"path": f["path"], "sha256": f["sha256"], "records": f["records"]}
+                for f in meta["dataset"]["files"]
+            ],
+            "metrics": meta["metrics"],
+            "mlflow": meta["mlflow"],
+        }
+    )

@@ -48,7 +48,7 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
             group = p.add_argument_group(starts[name] + " options")
         tp, is_list = base_type(types[name])
         default = getattr(defaults, name)
-        shown = ",".join(default) if isinstance(default, list) else default
+        shown = (",".join(default) or "none") if isinstance(default, list) else default
         doc = docs.get(name, "")
         help_text = doc if "(default" in doc else f"{doc} (default: {shown})"
         flags = [f"--{name}"]
@@ -58,7 +58,9 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
         if tp is bool:
             kwargs.update(nargs="?", const="true", metavar="BOOL")
         elif is_list:
-            kwargs.update(nargs="+", metavar=name.upper().rstrip("S") if name != "dataset_path" else "PATH")
+            kwargs.update(
+                nargs="+", metavar=name.upper().rstrip("S") if name != "dataset_path" else "PATH"
+            )
         elif name == "tuning_mode":
             kwargs.update(metavar="{" + ",".join(TUNING_MODES) + "}")
         else:
@@ -76,17 +78,27 @@ def build_parser() -> Parser:
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
-    t = sub.add_parser("train", help="train a LoRA adapter (SFT) on decision logs, track and register it",
-                       description="Train a LoRA adapter on decision logs; the run is logged to MLflow "
-                                   "and the model registered. Flags accept snake_case and kebab-case.")
-    t.add_argument("--config", metavar="YAML", help="YAML file of options (keys = option names); "
-                                                     "flags given here override it")
+    t = sub.add_parser(
+        "train",
+        help="train a LoRA adapter (SFT) on decision logs, track and register it",
+        description="Train a LoRA adapter on decision logs; the run is logged to MLflow "
+        "and the model registered. Flags accept snake_case and kebab-case.",
+    )
+    t.add_argument(
+        "--config",
+        metavar="YAML",
+        help="YAML file of options (keys = option names); flags given here override it",
+    )
     _add_config_flags(t)
     t.add_argument("--json", action="store_true", help="print the result as JSON")
 
     m = sub.add_parser("models", help="list, show or delete models in the local registry")
-    m.add_argument("--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)")
-    msub = m.add_subparsers(dest="models_command", metavar="ACTION", parser_class=Parser, required=True)
+    m.add_argument(
+        "--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)"
+    )
+    msub = m.add_subparsers(
+        dest="models_command", metavar="ACTION", parser_class=Parser, required=True
+    )
     ml = msub.add_parser("list", help="list registered models")
     ml.add_argument("--json", action="store_true", help="print JSON")
     ms = msub.add_parser("show", help="show one model's registry entry and simtune.json")
@@ -96,19 +108,39 @@ def build_parser() -> Parser:
     md.add_argument("--keep-files", action="store_true", help="keep models/<model_id>/ on disk")
 
     u = sub.add_parser("ui", help="open the MLflow UI on the workspace's store")
-    u.add_argument("--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)")
-    u.add_argument("--tracking_uri", "--tracking-uri", help="backend store (default: the workspace's mlflow.db)")
-    u.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    u.add_argument(
+        "--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)"
+    )
+    u.add_argument(
+        "--tracking_uri",
+        "--tracking-uri",
+        help="backend store (default: the workspace's mlflow.db)",
+    )
+    u.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)"
+    )
     u.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
 
-    k = sub.add_parser("make-tiny-model", help="write a tiny random model + tokenizer for smoke tests")
+    k = sub.add_parser(
+        "make-tiny-model", help="write a tiny random model + tokenizer for smoke tests"
+    )
     k.add_argument("dir", help="output directory")
 
-    d = sub.add_parser("demo", help="make a tiny model and fine-tune it on the bundled sample decisions")
-    d.add_argument("--workspace", default="demo-workspace",
-                   help="workspace to create (default: ./demo-workspace)")
-    d.add_argument("--num_train_epochs", "--num-train-epochs", type=float, default=5.0,
-                   help="epochs over the 48 bundled decisions (default: 5)")
+    d = sub.add_parser(
+        "demo", help="make a tiny model and fine-tune it on the bundled sample decisions"
+    )
+    d.add_argument(
+        "--workspace",
+        default="demo-workspace",
+        help="workspace to create (default: ./demo-workspace)",
+    )
+    d.add_argument(
+        "--num_train_epochs",
+        "--num-train-epochs",
+        type=float,
+        default=5.0,
+        help="epochs over the 48 bundled decisions (default: 5)",
+    )
     return p
 
 
@@ -129,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from simtune.errors import SimtuneError
 
@@ -149,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from simtune.api import run_tuning
 
-    options = {k: v for k, v in vars(args).items()
-               if k not in ("command", "config", "json", "debug")}
+    options = {
+        k: v for k, v in vars(args).items() if k not in ("command", "config", "json", "debug")
+    }
     if args.json:
         # Libraries print progress to stdout (MLflow's "View run" line among them);
         # keep stdout for the JSON alone.
@@ -178,8 +213,11 @@ def _print_result(result: Any, workspace: str | None = None) -> None:
     table.add_row("adapter", result.adapter_path)
     table.add_row("final train loss", f"{result.metrics.get('train_loss', float('nan')):.4f}")
     table.add_row("MLflow run", f"{result.run_id}  ({result.tracking_uri})")
-    table.add_row("registered model", f"{result.registered_model_name} v{result.registered_model_version}"
-                                      f"  (load: mlflow.pyfunc.load_model('{result.model_uri}'))")
+    table.add_row(
+        "registered model",
+        f"{result.registered_model_name} v{result.registered_model_version}"
+        f"  (load: mlflow.pyfunc.load_model('{result.model_uri}'))",
+    )
     ui = "simtune ui" + (f" --workspace {workspace}" if workspace else "")
     if result.tracking_uri.startswith("http"):
         ui = f"open {result.tracking_uri}"
@@ -208,22 +246,30 @@ def cmd_models(args: argparse.Namespace) -> int:
         for e in entries:
             ml = e.get("mlflow", {})
             loss = e.get("metrics", {}).get("train_loss")
-            table.add_row(e["model_id"], e.get("tuning_mode", ""), Path(e.get("base_model", "")).name,
-                          "" if loss is None else f"{loss:.4f}",
-                          f"{ml.get('registered_model_name', '')} v{ml.get('registered_model_version', '')}",
-                          e.get("created_at", "")[:19])
+            table.add_row(
+                e["model_id"],
+                e.get("tuning_mode", ""),
+                Path(e.get("base_model", "")).name,
+                "" if loss is None else f"{loss:.4f}",
+                f"{ml.get('registered_model_name', '')} v{ml.get('registered_model_version', '')}",
+                e.get("created_at", "")[:19],
+            )
         console.print(table)
     elif args.models_command == "show":
         entry = reg.get(args.model_id)
         meta_path = Path(entry["path"]) / "simtune.json"
-        out = {"registry": entry,
-               "simtune.json": json.loads(meta_path.read_text()) if meta_path.is_file() else None}
+        out = {
+            "registry": entry,
+            "simtune.json": json.loads(meta_path.read_text()) if meta_path.is_file() else None,
+        }
         sys.stdout.write(json.dumps(out, indent=2, default=str) + "\n")
     else:
         entry = reg.delete(args.model_id, remove_files=not args.keep_files)
-        console.print(f"deleted {entry['model_id']}"
-                      + ("" if args.keep_files else f" and {entry['path']}")
-                      + " (its MLflow run and registered version are kept)")
+        console.print(
+            f"deleted {entry['model_id']}"
+            + ("" if args.keep_files else f" and {entry['path']}")
+            + " (its MLflow run and registered version are kept)"
+        )
     return 0
 
 
@@ -234,9 +280,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
     store = args.tracking_uri or f"sqlite:///{ws / 'mlflow.db'}"
     url = f"http://{args.host}:{args.port}"
     sys.stderr.write(f"MLflow UI for {store} at {url} (Ctrl-C to stop)\n")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store,
-           "--default-artifact-root", (ws / "mlruns").as_uri(),
-           "--host", args.host, "--port", str(args.port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        store,
+        "--default-artifact-root",
+        (ws / "mlruns").as_uri(),
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
     try:
         return subprocess.call(cmd)
     except KeyboardInterrupt:
@@ -262,10 +319,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with console.status("building a tiny model and the sample dataset..."):
         model_dir, data = prepare_demo(ws)
     console.print(f"[bold]tiny model[/] {model_dir}\n[bold]sample decisions[/] {data}")
-    result = run_tuning(llm_path=str(model_dir), dataset_path=[str(data)], workspace=str(ws),
-                        experiment_name="simtune-demo", num_train_epochs=args.num_train_epochs,
-                        learning_rate=3e-3, per_device_train_batch_size=8, warmup_ratio=0.0,
-                        tracking_uri=f"sqlite:///{ws / 'mlflow.db'}")
+    result = run_tuning(
+        llm_path=str(model_dir),
+        dataset_path=[str(data)],
+        workspace=str(ws),
+        experiment_name="simtune-demo",
+        num_train_epochs=args.num_train_epochs,
+        learning_rate=3e-3,
+        per_device_train_batch_size=8,
+        warmup_ratio=0.0,
+        tracking_uri=f"sqlite:///{ws / 'mlflow.db'}",
+    )
     _print_result(result, str(ws))
     return 0
 

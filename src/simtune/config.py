@@ -178,14 +178,28 @@ class TuningConfig:
                 f"--lr_scheduler_type: unknown schedule {self.lr_scheduler_type!r} "
                 f"(choose from {', '.join(LR_SCHEDULERS)})"
             )
-        positive = ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
-                    "max_length", "lora_r", "lora_alpha", "logging_steps", "max_grad_norm")
+        positive = (
+            "learning_rate",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "max_length",
+            "lora_r",
+            "lora_alpha",
+            "logging_steps",
+            "max_grad_norm",
+        )
         for name in positive:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name}: must be a positive number, got {value!r}")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ConfigError("--num_train_epochs: must be > 0 (or set --max_steps)")
+        if self.max_steps <= 0 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
+            raise ConfigError("--num_train_epochs: must be a finite number > 0 (or set --max_steps)")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"--weight_decay: must be >= 0, got {self.weight_decay!r}")
+        for name in ("min_rating", "min_reward"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"--{name}: must be a finite number, got {value!r}")
         for name in ("warmup_ratio", "lora_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
@@ -199,7 +213,9 @@ class TuningConfig:
         if self.devices is not None:
             parts = [p.strip() for p in self.devices.split(",")]
             if not all(p.isdigit() for p in parts):
-                raise ConfigError(f"--devices: expected GPU indices like '0' or '0,1', got {self.devices!r}")
+                raise ConfigError(
+                    f"--devices: expected GPU indices like '0' or '0,1', got {self.devices!r}"
+                )
         for name in ("experiment_name", "registered_model_name", "run_name"):
             value = getattr(self, name)
             if value is not None and not str(value).strip():
@@ -250,17 +266,25 @@ def base_type(tp: Any) -> tuple[type, bool]:
 def coerce(name: str, value: Any, *, source: str = "") -> Any:
     """Convert a YAML/CLI/keyword value to the field's type, or raise naming the option."""
     where = f"{source}: " if source else ""
-    tp, is_list = base_type(field_types()[name])
+    annotation = field_types()[name]
+    tp, is_list = base_type(annotation)
     if value is None:
-        return [] if is_list else None
+        if is_list:
+            return []
+        if type(None) not in typing.get_args(annotation):
+            raise ConfigError(f"{where}--{name}: needs a value (got null/empty)")
+        return None
     if is_list:
         items = value if isinstance(value, (list, tuple)) else [value]
         out: list[Any] = []
         for item in items:
             # "q_proj,v_proj" and ["q_proj", "v_proj"] both work.
             parts = str(item).split(",") if isinstance(item, str) else [item]
-            out.extend(coerce_scalar(name, tp, p.strip() if isinstance(p, str) else p, where)
-                       for p in parts if not (isinstance(p, str) and not p.strip()))
+            out.extend(
+                coerce_scalar(name, tp, p.strip() if isinstance(p, str) else p, where)
+                for p in parts
+                if not (isinstance(p, str) and not p.strip())
+            )
         return out
     return coerce_scalar(name, tp, value, where)
 

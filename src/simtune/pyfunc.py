@@ -36,8 +36,9 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         if not local and cfg.get("base_model_is_local"):
             raise FileNotFoundError(f"base model {base} of this adapter is missing")
         self.tokenizer = AutoTokenizer.from_pretrained(adapter, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True,
-                                                     local_files_only=local, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            base, use_safetensors=True, local_files_only=local, dtype=torch.float32
+        )
         self.model = PeftModel.from_pretrained(model, adapter).eval()
         self.max_new_tokens = int(cfg.get("max_new_tokens", 64))
 
@@ -49,15 +50,22 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
         prompts = _as_prompts(model_input)
         out = []
         for prompt in prompts:
-            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
-            enc = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                     return_tensors="pt", return_dict=True)
+            messages = (
+                prompt if isinstance(prompt, list) else [{"role": "user", "content": str(prompt)}]
+            )
+            enc = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
             with torch.no_grad():
                 gen = self.model.generate(
-                    **enc, max_new_tokens=int(params.get("max_new_tokens", self.max_new_tokens)),
-                    do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                    **enc,
+                    max_new_tokens=int(params.get("max_new_tokens", self.max_new_tokens)),
+                    do_sample=False,
+                    pad_token_id=self.tokenizer.pad_token_id,
                 )
-            out.append(self.tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            out.append(
+                self.tokenizer.decode(gen[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+            )
         return out
 
 
@@ -69,7 +77,11 @@ def _as_prompts(model_input: Any) -> list[Any]:
         return list(model_input[col])
     if isinstance(model_input, dict):
         value = model_input.get("prompt", model_input.get("messages"))
-        return value if isinstance(value, list) and value and not isinstance(value[0], dict) else [value]
+        return (
+            value
+            if isinstance(value, list) and value and not isinstance(value[0], dict)
+            else [value]
+        )
     return list(model_input)
 
 

@@ -45,7 +45,9 @@ class Registry:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise SimtuneError(f"{self.path}: corrupt registry ({exc.msg} at line {exc.lineno})") from None
+            raise SimtuneError(
+                f"{self.path}: corrupt registry ({exc.msg} at line {exc.lineno})"
+            ) from None
         data.setdefault("models", [])
         return data
 
@@ -98,6 +100,10 @@ class Registry:
 
         entry = self._update(change)
         target = Path(entry.get("path", ""))
-        if remove_files and target.is_dir() and self.models_dir.resolve() in target.resolve().parents:
+        if (
+            remove_files
+            and target.is_dir()
+            and self.models_dir.resolve() in target.resolve().parents
+        ):
             shutil.rmtree(target)
         return entry

@@ -51,8 +51,13 @@ def build_tokenizer(vocab_size: int = 1024):
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(tokenizer_corpus(), vocab_size=vocab_size, min_frequency=2,
-                            show_progress=False, special_tokens=SPECIAL_TOKENS)
+    bpe.train_from_iterator(
+        tokenizer_corpus(),
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=SPECIAL_TOKENS,
+    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe._tokenizer,
         bos_token="<|bos|>",
@@ -98,8 +103,11 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, max_new_tokens=32, do_sample=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        max_new_tokens=32,
+        do_sample=False,
     )
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)

@@ -22,8 +22,13 @@ from simtune.errors import TrackingError
 log = logging.getLogger(__name__)
 
 # Trainer log keys that are per-run summaries, not curves.
-_SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_second",
-                 "total_flos", "train_loss"}
+_SUMMARY_KEYS = {
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "total_flos",
+    "train_loss",
+}
 PARAM_VALUE_LIMIT = 500
 
 
@@ -42,11 +47,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             resp.read(64)
     except urllib.error.HTTPError as exc:
         if exc.code >= 500:
-            raise TrackingError(f"--tracking_uri: MLflow server at {uri} answered {exc.code}") from None
+            raise TrackingError(
+                f"--tracking_uri: MLflow server at {uri} answered {exc.code}"
+            ) from None
         # 401/403/404: a server is there (auth, or a proxy without /health); let MLflow talk.
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TrackingError(f"--tracking_uri: cannot reach MLflow server at {uri} ({reason})") from None
+        raise TrackingError(
+            f"--tracking_uri: cannot reach MLflow server at {uri} ({reason})"
+        ) from None
 
 
 def flat_params(config: dict[str, Any]) -> dict[str, str]:
@@ -78,7 +87,9 @@ class Tracker:
                     self.client.restore_experiment(exp.experiment_id)
                 return exp.experiment_id
             location = None
-            if self.uri.startswith("sqlite:") and self.uri.endswith(str(self.workspace / "mlflow.db")):
+            if self.uri.startswith("sqlite:") and self.uri.endswith(
+                str(self.workspace / "mlflow.db")
+            ):
                 # Embedded store: keep artifacts beside the database in the workspace,
                 # not in ./mlruns of whatever directory the job was started from.
                 location = (self.workspace / "mlruns").as_uri()
@@ -86,7 +97,9 @@ class Tracker:
         except Exception as exc:
             if isinstance(exc, TrackingError):
                 raise
-            raise TrackingError(f"--tracking_uri: MLflow at {self.uri} failed: {_first_line(exc)}") from None
+            raise TrackingError(
+                f"--tracking_uri: MLflow at {self.uri} failed: {_first_line(exc)}"
+            ) from None
 
     @contextlib.contextmanager
     def run(self, run_name: str, tags: dict[str, str]) -> Iterator[str]:
@@ -118,14 +131,23 @@ class Tracker:
         self.mlflow.log_params(flat_params(params))
 
     def log_dataset(self, stats: dict[str, Any]) -> None:
-        numeric = {f"dataset/{k}": float(v) for k, v in stats.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
+        numeric = {
+            f"dataset/{k}": float(v)
+            for k, v in stats.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None
+        }
         numeric.update({f"dataset/dropped_{k}": float(v) for k, v in stats["dropped"].items()})
         self.mlflow.log_metrics(numeric, step=0)
-        self.mlflow.log_params({
-            "dataset.files": flat_params({"f": [Path(f["path"]).name for f in stats["files"]]})["f"],
-            "dataset.sha256": flat_params({"h": [f["sha256"][:16] for f in stats["files"]]})["h"],
-        })
+        self.mlflow.log_params(
+            {
+                "dataset.files": flat_params({"f": [Path(f["path"]).name for f in stats["files"]]})[
+                    "f"
+                ],
+                "dataset.sha256": flat_params({"h": [f["sha256"][:16] for f in stats["files"]]})[
+                    "h"
+                ],
+            }
+        )
         self.mlflow.log_dict(stats, "dataset_stats.json")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -134,8 +156,15 @@ class Tracker:
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)
 
-    def register(self, adapter_dir: Path, *, name: str, base_model: str, base_is_local: bool,
-                 tags: dict[str, str]) -> tuple[str, str]:
+    def register(
+        self,
+        adapter_dir: Path,
+        *,
+        name: str,
+        base_model: str,
+        base_is_local: bool,
+        tags: dict[str, str],
+    ) -> tuple[str, str]:
         """Log the adapter as a pyfunc model and register it; returns (version, model_uri)."""
         info = self.mlflow.pyfunc.log_model(
             name="model",
@@ -160,7 +189,9 @@ class Tracker:
         tracker = self
 
         class MlflowStepLogger(TrainerCallback):
-            def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+            def on_log(
+                self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any
+            ) -> None:
                 if not state.is_world_process_zero or not logs:
                     return
                 curves, summary = {}, {}

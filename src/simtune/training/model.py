@@ -56,7 +56,9 @@ def resolve_model(llm_path: str, workspace: Path | None = None) -> ModelSpec:
         )
     if p.exists():
         raise ModelError(f"--llm_path: {llm_path} is a file, not a model directory")
-    looks_local = llm_path.startswith((".", "/", "~")) or llm_path.count("/") > 1 or "\\" in llm_path
+    looks_local = (
+        llm_path.startswith((".", "/", "~")) or llm_path.count("/") > 1 or "\\" in llm_path
+    )
     if looks_local or not _HUB_ID.match(llm_path):
         raise ModelError(f"--llm_path: no such model directory: {llm_path}")
     return ModelSpec(llm_path, False)
@@ -66,7 +68,9 @@ def _adapter_spec(adapter_dir: Path) -> ModelSpec:
     try:
         cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise ModelError(f"--llm_path: {adapter_dir}/adapter_config.json is unreadable: {exc}") from None
+        raise ModelError(
+            f"--llm_path: {adapter_dir}/adapter_config.json is unreadable: {exc}"
+        ) from None
     if not any((adapter_dir / n).is_file() for n in ("adapter_model.safetensors",)):
         raise ModelError(f"--llm_path: {adapter_dir} has no adapter_model.safetensors")
     base = cfg.get("base_model_name_or_path")
@@ -92,7 +96,10 @@ def _adapter_spec(adapter_dir: Path) -> ModelSpec:
 
 
 def _check_weights(model_dir: Path) -> None:
-    if any(model_dir.glob("*.safetensors")) or (model_dir / "model.safetensors.index.json").is_file():
+    if (
+        any(model_dir.glob("*.safetensors"))
+        or (model_dir / "model.safetensors.index.json").is_file()
+    ):
         return
     if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")):
         raise ModelError(
@@ -128,13 +135,19 @@ def load_tokenizer(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
     """The adapter's tokenizer when it saved one (it may add tokens), else the base's."""
     from transformers import AutoTokenizer
 
-    source = spec.adapter if spec.adapter and (Path(spec.adapter) / "tokenizer_config.json").is_file() \
+    source = (
+        spec.adapter
+        if spec.adapter and (Path(spec.adapter) / "tokenizer_config.json").is_file()
         else spec.base
+    )
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                            local_files_only=spec.base_is_local)
+        tok = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=spec.base_is_local
+        )
     except Exception as exc:  # transformers raises many types here; all mean "not usable"
-        raise ModelError(f"--llm_path: cannot load a tokenizer from {source}: {_first_line(exc)}") from None
+        raise ModelError(
+            f"--llm_path: cannot load a tokenizer from {source}: {_first_line(exc)}"
+        ) from None
     if tok.pad_token is None:
         # Padding positions are masked out of the loss, so reusing EOS is safe.
         tok.pad_token = tok.eos_token
@@ -146,8 +159,14 @@ def load_tokenizer(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def load_model(spec: ModelSpec, *, trainable_adapter: bool, bf16: bool = False, fp16: bool = False,
-               trust_remote_code: bool = False) -> Any:
+def load_model(
+    spec: ModelSpec,
+    *,
+    trainable_adapter: bool,
+    bf16: bool = False,
+    fp16: bool = False,
+    trust_remote_code: bool = False,
+) -> Any:
     """Base causal LM (+ the adapter to continue from). Safetensors only."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -155,7 +174,10 @@ def load_model(spec: ModelSpec, *, trainable_adapter: bool, bf16: bool = False, 
     dtype = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            spec.base, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code,
+            spec.base,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
             local_files_only=spec.base_is_local,
         )
     except Exception as exc:

@@ -34,8 +34,9 @@ class Examples:
 
 
 def _ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt,
-                                        tokenize=True, return_dict=False)
+    out = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+    )
     return list(out)
 
 
@@ -58,7 +59,9 @@ def build_examples(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig)
             cut += 1
         prompt_part, answer = full[:cut], full[cut:]
         if not answer:
-            raise DataError("the chat template renders no answer tokens", path=d.source, field="output")
+            raise DataError(
+                "the chat template renders no answer tokens", path=d.source, field="output"
+            )
         budget = cfg.max_length - len(answer)
         if budget < 1:
             # The answer alone overflows: keep its start and a token of prompt.
@@ -73,8 +76,11 @@ def build_examples(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig)
         n_tok += len(ids)
         n_comp += len(answer)
     if truncated:
-        log.warning("%d prompt(s) longer than --max_length %d were cut from the left",
-                    truncated, cfg.max_length)
+        log.warning(
+            "%d prompt(s) longer than --max_length %d were cut from the left",
+            truncated,
+            cfg.max_length,
+        )
     return Examples(input_ids, masks, truncated, n_tok, n_comp)
 
 
@@ -84,8 +90,14 @@ def lora_config(cfg: TuningConfig) -> Any:
     targets: Any = cfg.lora_target_modules
     if targets == ["all-linear"]:
         targets = "all-linear"
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
 
 
 def sft_args(cfg: TuningConfig, output_dir: Path) -> Any:
@@ -97,8 +109,11 @@ def sft_args(cfg: TuningConfig, output_dir: Path) -> Any:
 
     # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio).
     names = {f.name for f in dataclasses.fields(SFTConfig)}
-    warmup = ({"warmup_ratio": cfg.warmup_ratio} if "warmup_ratio" in names
-              else {"warmup_steps": cfg.warmup_ratio})
+    warmup = (
+        {"warmup_ratio": cfg.warmup_ratio}
+        if "warmup_ratio" in names
+        else {"warmup_steps": cfg.warmup_ratio}
+    )
     return SFTConfig(
         **warmup,
         output_dir=str(output_dir),
@@ -129,15 +144,22 @@ def sft_args(cfg: TuningConfig, output_dir: Path) -> Any:
     )
 
 
-def train_sft(cfg: TuningConfig, examples: Examples, model: Any, tokenizer: Any,
-              work_dir: Path, callbacks: list[Any]) -> tuple[dict[str, float], Any]:
+def train_sft(
+    cfg: TuningConfig,
+    examples: Examples,
+    model: Any,
+    tokenizer: Any,
+    work_dir: Path,
+    callbacks: list[Any],
+) -> tuple[dict[str, float], Any]:
     """Run SFTTrainer; returns (summary metrics, the trained PEFT model)."""
     from datasets import Dataset
     from peft import PeftModel
     from trl import SFTTrainer
 
-    train = Dataset.from_dict({"input_ids": examples.input_ids,
-                               "completion_mask": examples.completion_mask})
+    train = Dataset.from_dict(
+        {"input_ids": examples.input_ids, "completion_mask": examples.completion_mask}
+    )
     trainer = SFTTrainer(
         model=model,
         args=sft_args(cfg, work_dir / "checkpoints"),
@@ -160,7 +182,9 @@ def _quiet_progress(trainer: Any) -> None:
     from transformers.trainer_callback import ProgressCallback
 
     class LossOnBar(ProgressCallback):
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+        def on_log(
+            self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any
+        ) -> None:
             if self.training_bar is not None and logs and "loss" in logs:
                 self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
 
