@@ -175,3 +175,32 @@ def test_failure_during_training_marks_run_failed_and_registers_nothing(
     assert [r.info.status for r in runs] == ["FAILED"]
     assert client.search_registered_models() == []
     assert_nothing_left(workspace)
+
+
+@pytest.mark.slow
+def test_sigterm_marks_run_killed_and_leaves_nothing(tiny_model, workspace):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = Path(sys.executable).with_name("simtune")
+    proc = subprocess.Popen(
+        [str(exe), "train", "--llm_path", str(tiny_model), "--dataset_path", str(SAMPLE),
+         "--workspace", str(workspace), "--max_steps", "100000"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    db = workspace / "mlflow.db"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if db.exists() and list((workspace / "models").glob(".staging-*/checkpoints")):
+            break  # the trainer is running
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stderr.read()
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    with sqlite3.connect(db) as con:
+        assert [r[0] for r in con.execute("select status from runs")] == ["KILLED"]
+    assert_nothing_left(workspace)

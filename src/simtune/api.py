@@ -10,6 +10,7 @@ succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -124,6 +125,7 @@ def run_tuning(config: TuningConfig | str | None = None, /, **options: Any) -> T
         "simtune.base_model": spec.base,
     }
     published = False
+    version = ""
     try:
         with tracker.run(cfg.run_name or model_id, tags) as run_id:
             tracker.log_params(cfg.to_dict())
@@ -181,8 +183,13 @@ def run_tuning(config: TuningConfig | str | None = None, /, **options: Any) -> T
             published = True
             _registry_add(workspace, meta, final_dir)
     except BaseException:
+        # Nothing of an unfinished job may look usable: no model dir, no registry
+        # entry, no registered version (the FAILED/KILLED run itself stays, as history).
         if published:
             shutil.rmtree(final_dir, ignore_errors=True)
+        if version:
+            with contextlib.suppress(Exception):
+                tracker.client.delete_model_version(registered_name, version)
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

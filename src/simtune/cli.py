@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -168,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from simtune.errors import SimtuneError
 
+    # A job stopped by SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: the MLflow run
+    # is marked KILLED and the staging directory removed, instead of dying mid-write.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return COMMANDS[args.command](args)
     except SimtuneError as exc:
@@ -178,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         fail(f"{type(exc).__name__}: {exc} (run with --debug for the traceback)", EXIT_FAILED)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
