@@ -187,9 +187,21 @@ def test_sigterm_marks_run_killed_and_leaves_nothing(tiny_model, workspace):
 
     exe = Path(sys.executable).with_name("simtune")
     proc = subprocess.Popen(
-        [str(exe), "train", "--llm_path", str(tiny_model), "--dataset_path", str(SAMPLE),
-         "--workspace", str(workspace), "--max_steps", "100000"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            str(exe),
+            "train",
+            "--llm_path",
+            str(tiny_model),
+            "--dataset_path",
+            str(SAMPLE),
+            "--workspace",
+            str(workspace),
+            "--max_steps",
+            "100000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     db = workspace / "mlflow.db"
     deadline = time.monotonic() + 120

@@ -192,8 +192,12 @@ class TuningConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name}: must be a positive number, got {value!r}")
-        if self.max_steps <= 0 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
-            raise ConfigError("--num_train_epochs: must be a finite number > 0 (or set --max_steps)")
+        if self.max_steps <= 0 and not (
+            math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0
+        ):
+            raise ConfigError(
+                "--num_train_epochs: must be a finite number > 0 (or set --max_steps)"
+            )
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"--weight_decay: must be >= 0, got {self.weight_decay!r}")
         for name in ("min_rating", "min_reward"):

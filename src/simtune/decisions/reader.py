@@ -42,8 +42,14 @@ log = logging.getLogger(__name__)
 DIR_PATTERNS = ("decisions_*.jsonl", "decisions_*.json")
 # Seed-export fields that are folded into canonical ones (so they don't also sit in
 # metadata twice).
-_CONSUMED = {"human_rating", "llm_rating", "refined_output", "human_reason", "llm_reason",
-             "event"} | set(ALIASES)
+_CONSUMED = {
+    "human_rating",
+    "llm_rating",
+    "refined_output",
+    "human_reason",
+    "llm_reason",
+    "event",
+} | set(ALIASES)
 
 
 @dataclass
@@ -84,8 +90,9 @@ def discover(paths: Iterable[str]) -> list[Path]:
         if p.is_dir():
             found = sorted({f for pat in DIR_PATTERNS for f in p.rglob(pat) if f.is_file()})
             if not found:
-                raise DataError("directory holds no decisions_*.json or decisions_*.jsonl files",
-                                path=str(raw))
+                raise DataError(
+                    "directory holds no decisions_*.json or decisions_*.jsonl files", path=str(raw)
+                )
         else:
             found = [p]
         for f in found:
@@ -153,10 +160,13 @@ def _jsonl(text: str, path: str) -> Iterator[tuple[int, Any]]:
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON ({exc.msg}, column {exc.colno})", path=path,
-                            line=lineno) from None
+            raise DataError(
+                f"invalid JSON ({exc.msg}, column {exc.colno})", path=path, line=lineno
+            ) from None
         except (RecursionError, ValueError) as exc:  # too deep; an over-long integer
-            raise DataError(f"invalid JSON ({_json_problem(exc)})", path=path, line=lineno) from None
+            raise DataError(
+                f"invalid JSON ({_json_problem(exc)})", path=path, line=lineno
+            ) from None
 
 
 def _json_problem(exc: BaseException) -> str:
@@ -265,8 +275,9 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
 
     step = obj.get("step")
     if step is not None:
-        if isinstance(step, bool) or not (isinstance(step, int)
-                                          or (isinstance(step, float) and step.is_integer())):
+        if isinstance(step, bool) or not (
+            isinstance(step, int) or (isinstance(step, float) and step.is_integer())
+        ):
             raise bad("step", f"expected an integer, got {step!r}")
         step = int(step)
 
@@ -280,11 +291,20 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
     if agent_type is None and isinstance(context, dict):
         agent_type = context.get("agent_type")
 
-    reason = obj.get("reason") or obj.get("low_quality_reason") or obj.get("human_reason") \
+    reason = (
+        obj.get("reason")
+        or obj.get("low_quality_reason")
+        or obj.get("human_reason")
         or obj.get("llm_reason")
+    )
     metadata = dict(obj["metadata"]) if isinstance(obj.get("metadata"), dict) else {}
-    metadata.update({k: v for k, v in obj.items()
-                     if k not in DECISION_FIELDS and k not in _CONSUMED and v is not None})
+    metadata.update(
+        {
+            k: v
+            for k, v in obj.items()
+            if k not in DECISION_FIELDS and k not in _CONSUMED and v is not None
+        }
+    )
     if human is not None:
         metadata["rating_source"] = "human"
     elif rating is not None and plain is None:
@@ -394,9 +414,14 @@ class Selection:
     dropped: dict[str, int]
 
 
-def select(decisions: list[Decision], *, min_rating: float | None = None,
-           min_reward: float | None = None, agent_types: list[str] | None = None,
-           max_samples: int | None = None) -> Selection:
+def select(
+    decisions: list[Decision],
+    *,
+    min_rating: float | None = None,
+    min_reward: float | None = None,
+    agent_types: list[str] | None = None,
+    max_samples: int | None = None,
+) -> Selection:
     """Apply the training filters; counts why records were dropped."""
     dropped = {"min_rating": 0, "min_reward": 0, "agent_types": 0, "max_samples": 0}
     kept = []

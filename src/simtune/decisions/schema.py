@@ -16,9 +16,24 @@ ALIASES = {
     "low_quality_reason": "reason",
 }
 DECISION_FIELDS = (
-    "decision_id", "env_name", "run_id", "agent_id", "agent_type", "step", "timestamp",
-    "prompt", "messages", "output", "reward", "rating", "feedback", "reason", "model",
-    "latency_s", "context", "metadata",
+    "decision_id",
+    "env_name",
+    "run_id",
+    "agent_id",
+    "agent_type",
+    "step",
+    "timestamp",
+    "prompt",
+    "messages",
+    "output",
+    "reward",
+    "rating",
+    "feedback",
+    "reason",
+    "model",
+    "latency_s",
+    "context",
+    "metadata",
 )
 EVENT_KINDS = ("reward", "rating", "feedback")
 
@@ -59,7 +74,11 @@ class Decision:
 
     def chat_prompt(self, system_prompt: str | None = None) -> list[dict[str, str]]:
         """The model input as chat messages (a plain prompt becomes one user turn)."""
-        msgs = list(self.messages) if self.messages else [{"role": "user", "content": self.prompt or ""}]
+        msgs = (
+            list(self.messages)
+            if self.messages
+            else [{"role": "user", "content": self.prompt or ""}]
+        )
         if system_prompt and msgs[0].get("role") != "system":
             msgs.insert(0, {"role": "system", "content": system_prompt})
         return msgs
