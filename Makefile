@@ -8,6 +8,8 @@ demo: setup
 	.venv/bin/simtune demo
 
 test: setup
+	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff format --check src tests bench
 	.venv/bin/python -m pytest
 
 lint: setup

@@ -16,14 +16,22 @@ Metrics (median over ``--runs`` runs per side, each run in a fresh Python proces
                 ``num_tokens`` (non-padding tokens fed), read from the trainer logs on
                 both sides (simtune: the MLflow metric ``train/num_tokens``), so both
                 sides count the same way.
+    tokens per CPU-second
+                the same tokens / process CPU time (all threads, MLflow's async logger
+                included) in ``Trainer._inner_training_loop``; steadier than wall time
+                when other work shares the machine.
     peak RSS    ``ru_maxrss`` of the worker process (whole process lifetime).
     end-to-end  wall time of the worker process, start to exit, as measured by the parent.
 
 Runs alternate simtune, trl, trl, simtune, ... so slow drift of the machine (thermal,
 other load) hits both sides alike.
 
+simtune's MLflow store is, by default, a copy of an already-migrated one (a workspace
+used before); ``--store fresh`` makes every simtune run create it (schema migrations).
+
 Usage
     .venv/bin/python bench/sft_vs_trl.py --runs 5
+    .venv/bin/python bench/sft_vs_trl.py --runs 3 --store fresh --out /tmp/bench
 """
 
 from __future__ import annotations
@@ -395,7 +403,7 @@ def markdown(med: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
         "",
         f"Medians of {meta['runs']} runs per side, each in a fresh process; "
         f"{meta['steps']} optimizer steps, batch {HP['per_device_train_batch_size']}, "
-        f"{meta['records']} records, tiny random Llama (CPU, {meta['threads']} torch threads); "
+        f"{meta['records']} records, tiny random Llama (CPU, torch threads: {meta['threads']}); "
         f"simtune's MLflow store: {meta['store']}.",
         "",
         "| metric | simtune | plain TRL | simtune / TRL |",
@@ -426,7 +434,7 @@ def markdown(med: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
 
 def parent_main(a: argparse.Namespace) -> None:
     check_defaults()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="simtune-bench-") as tmp_s:
         tmp = Path(tmp_s)
         from simtune.testing import make_tiny_model
@@ -486,7 +494,7 @@ def parent_main(a: argparse.Namespace) -> None:
             max(max(r["loadavg_1m_before"], r["loadavg_1m_after"]) for r in results),
         ],
         "check": {
-            "num_tokens": tokens[0] if len(tokens) == 1 else tokens,
+            "num_tokens": int(tokens[0]) if len(tokens) == 1 else tokens,
             "loss_simtune": losses["simtune"],
             "loss_trl": losses["trl"],
         },
@@ -496,11 +504,11 @@ def parent_main(a: argparse.Namespace) -> None:
     md = markdown(med, meta)
     print()
     print(md)
-    (RESULTS / "sft_vs_trl.md").write_text(md, encoding="utf-8")
-    (RESULTS / "sft_vs_trl.json").write_text(
+    (a.out / "sft_vs_trl.md").write_text(md, encoding="utf-8")
+    (a.out / "sft_vs_trl.json").write_text(
         json.dumps({"meta": meta, "medians": med, "runs": results}, indent=2), encoding="utf-8"
     )
-    print(f"wrote {RESULTS / 'sft_vs_trl.md'} and {RESULTS / 'sft_vs_trl.json'}")
+    print(f"wrote {a.out / 'sft_vs_trl.md'} and {a.out / 'sft_vs_trl.json'}")
 
 
 def main() -> None:
@@ -513,6 +521,12 @@ def main() -> None:
         default="existing",
         help="simtune's MLflow store: 'existing' (a workspace already used before, default) "
         "or 'fresh' (first job in a new workspace: pays the store's schema migrations)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        help="directory for sft_vs_trl.md/.json (default bench/results)",
     )
     p.add_argument("--copies", type=int, default=8, help="times the 48-record sample is repeated")
     # 1 thread by default: with 2 OpenMP threads on a 2-core machine, any other load
