@@ -167,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.debug:
+        import warnings
+
+        # Library deprecation chatter (transformers/TRL renames, MLflow's type-hint
+        # advice) says nothing a simtune user can act on.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
     from simtune.errors import SimtuneError
 
     # A job stopped by SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: the MLflow run
@@ -215,8 +222,8 @@ def _print_result(result: Any, workspace: str | None = None) -> None:
     from rich.table import Table
 
     table = Table(title="simtune: model trained, tracked and registered", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="fold")
     table.add_row("model id", result.model_id)
     table.add_row("adapter", result.adapter_path)
     table.add_row("final train loss", f"{result.metrics.get('train_loss', float('nan')):.4f}")
