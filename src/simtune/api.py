@@ -103,16 +103,10 @@ def run_tuning(config: TuningConfig | str | None = None, /, **options: Any) -> T
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri, workspace)
     check_reachable(tracking_uri)
 
-    from simtune.training.model import load_model, load_tokenizer
-    from simtune.training.sft import build_examples, train_sft
+    from simtune.training.model import load_tokenizer
 
     tokenizer = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
-    examples = build_examples(selection.decisions, tokenizer, cfg)
-    stats.update(
-        num_tokens=examples.num_tokens,
-        num_completion_tokens=examples.num_completion_tokens,
-        truncated_prompts=examples.truncated_prompts,
-    )
+    prepared = _prepare(cfg, selection.decisions, tokenizer, stats)
 
     tracker = Tracker(tracking_uri, cfg.experiment_name, workspace)
     registered_name = cfg.registered_model_name or f"{cfg.experiment_name}-{cfg.tuning_mode}"
@@ -130,18 +124,8 @@ def run_tuning(config: TuningConfig | str | None = None, /, **options: Any) -> T
         with tracker.run(cfg.run_name or model_id, tags) as run_id:
             tracker.log_params(cfg.to_dict())
             tracker.log_dataset(stats)
-            model = load_model(
-                spec,
-                trainable_adapter=True,
-                bf16=cfg.bf16,
-                fp16=cfg.fp16,
-                trust_remote_code=cfg.trust_remote_code,
-            )
-            metrics, trained = train_sft(
-                cfg, examples, model, tokenizer, staging, [tracker.metrics_callback()]
-            )
             adapter_dir = staging / "adapter"
-            trained.save_pretrained(str(adapter_dir), safe_serialization=True)
+            metrics = _train(cfg, prepared, spec, tokenizer, staging, adapter_dir, tracker)
             tokenizer.save_pretrained(str(adapter_dir))
             shutil.rmtree(staging / "checkpoints", ignore_errors=True)
 
@@ -151,6 +135,7 @@ def run_tuning(config: TuningConfig | str | None = None, /, **options: Any) -> T
                 base_model=spec.base,
                 base_is_local=spec.base_is_local,
                 tags=tags,
+                task="reward" if cfg.tuning_mode == "reward" else "generate",
             )
             meta = {
                 "model_id": model_id,
@@ -206,6 +191,85 @@ def run_tuning(config: TuningConfig | str | None = None, /, **options: Any) -> T
         metrics=metrics,
         dataset=stats,
     )
+
+
+def _prepare(cfg: TuningConfig, decisions: list[Any], tokenizer: Any, stats: dict[str, Any]) -> Any:
+    """Mode-specific input work that can fail on the user's data, before any run opens."""
+    if cfg.tuning_mode == "sft":
+        from simtune.training.sft import build_examples
+
+        examples = build_examples(decisions, tokenizer, cfg)
+        stats.update(
+            num_tokens=examples.num_tokens,
+            num_completion_tokens=examples.num_completion_tokens,
+            truncated_prompts=examples.truncated_prompts,
+        )
+        return examples
+    if cfg.tuning_mode == "ppo":
+        from simtune.training.ppo import build_samples
+        from simtune.training.rewards import make_reward_source
+
+        samples = build_samples(decisions, tokenizer, cfg)
+        stats.update(num_ppo_samples=len(samples), rollout=cfg.rollout)
+        source = make_reward_source(cfg) if cfg.rollout == "online" else None
+        return samples, source
+    from simtune.training.reward_model import build_reward_examples
+
+    examples = build_reward_examples(decisions, tokenizer, cfg)
+    stats.update(num_scored=len(examples[1]))
+    return examples
+
+
+def _train(
+    cfg: TuningConfig,
+    prepared: Any,
+    spec: Any,
+    tokenizer: Any,
+    staging: Path,
+    adapter_dir: Path,
+    tracker: Any,
+) -> dict[str, float]:
+    """Run the mode's recipe and save its adapter to `adapter_dir`; returns final metrics."""
+    from simtune.training.model import load_model
+
+    if cfg.tuning_mode == "reward":
+        from simtune.training.reward_model import train_reward_model
+
+        metrics, trained = train_reward_model(
+            cfg, prepared, spec, tokenizer, staging, [tracker.metrics_callback()]
+        )
+        trained.save_pretrained(str(adapter_dir), safe_serialization=True)
+        return metrics
+    model = load_model(
+        spec,
+        trainable_adapter=True,
+        bf16=cfg.bf16,
+        fp16=cfg.fp16,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.tuning_mode == "sft":
+        from simtune.training.sft import train_sft
+
+        metrics, trained = train_sft(
+            cfg, prepared, model, tokenizer, staging, [tracker.metrics_callback()]
+        )
+        trained.save_pretrained(str(adapter_dir), safe_serialization=True)
+        return metrics
+    from simtune.training.ppo import save_value_head, train_ppo
+
+    samples, source = prepared
+    metrics, trained, v_head = train_ppo(
+        cfg,
+        samples,
+        model,
+        tokenizer,
+        reward_source=source,
+        log_metrics=tracker.log_metrics,
+        adapter_dir=spec.adapter,
+    )
+    trained.save_pretrained(str(adapter_dir), safe_serialization=True)
+    save_value_head(v_head, adapter_dir)
+    return metrics
 
 
 def _registry_add(workspace: Path, meta: dict[str, Any], path: Path) -> None:

@@ -28,6 +28,7 @@ GROUPS = {
     "data": ("min_rating", "agent_types"),
     "optimisation": ("learning_rate", "padding_free"),
     "LoRA": ("lora_r", "lora_target_modules"),
+    "PPO and reward": ("rollout", "top_p"),
 }
 
 
@@ -81,7 +82,7 @@ def build_parser() -> Parser:
 
     t = sub.add_parser(
         "train",
-        help="train a LoRA adapter (SFT) on decision logs, track and register it",
+        help="train a LoRA adapter (SFT, PPO or a reward model) on decision logs, track and register it",
         description="Train a LoRA adapter on decision logs; the run is logged to MLflow "
         "and the model registered. Flags accept snake_case and kebab-case.",
     )

@@ -24,7 +24,10 @@ from typing import Any
 
 from simtune.errors import ConfigError
 
-TUNING_MODES = ("sft",)
+TUNING_MODES = ("sft", "ppo", "reward")
+ROLLOUTS = ("offline", "online")
+NORMALISATIONS = ("zscore", "minmax", "none")
+KL_ESTIMATORS = ("k1", "k3", "abs")
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -41,7 +44,8 @@ class TuningConfig:
 
     # --- job -------------------------------------------------------------------------
     tuning_mode: str = "sft"
-    """Training method: 'sft' imitates the logged (or refined) decisions."""
+    """Training method: 'sft' imitates the logged (or refined) decisions; 'ppo' prefers
+    decisions that earned reward; 'reward' trains a reward model on rated decisions."""
 
     llm_path: str | None = None
     """Base model: a local Hugging Face model directory, a hub id (needs network), a LoRA
@@ -163,12 +167,108 @@ class TuningConfig:
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Modules that get adapters: names such as q_proj v_proj, or 'all-linear'."""
 
+    # --- PPO (TRL names) ---------------------------------------------------------------
+    rollout: str = "offline"
+    """PPO rollouts: 'offline' scores the logged outputs with their reward/rating;
+    'online' generates answers with the policy and scores them with a reward source."""
+
+    score_normalization: str = "zscore"
+    """How logged rewards/ratings (and reward-model labels) are normalised: zscore,
+    minmax (to [-1, 1]) or none."""
+
+    reward_fn: str | None = None
+    """Online reward: a Python function 'module:function' or 'file.py:function' called
+    with prompt, completion and record, returning a float."""
+
+    reward_model: str | None = None
+    """Online reward: a sequence-classification checkpoint or a simtune reward model
+    (--tuning_mode reward)."""
+
+    judge_url: str | None = None
+    """Online reward: base URL of an OpenAI-compatible endpoint asked to score 1-5."""
+
+    judge_model: str | None = None
+    """Model name sent to --judge_url."""
+
+    judge_timeout: float = 30.0
+    """Seconds to wait for one judge answer."""
+
+    judge_max_retries: int = 3
+    """Retries for judge calls that fail in transport (with exponential backoff)."""
+
+    ppo_epochs: int = 4
+    """Optimisation passes over each rollout batch."""
+
+    num_mini_batches: int = 1
+    """Minibatches per rollout batch (one optimizer step each)."""
+
+    kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty to the reference (base) policy."""
+
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards target_kl (Ziegler et al. 2019) instead of keeping it fixed."""
+
+    target_kl: float = 6.0
+    """KL the adaptive controller aims for (per sequence)."""
+
+    kl_horizon: int = 10000
+    """Adaptive KL controller horizon, in samples."""
+
+    kl_estimator: str = "k1"
+    """Per-token KL estimate in the reward: k1 (log ratio), k3 (always >= 0) or abs."""
+
+    cliprange: float = 0.2
+    """PPO policy ratio clip range."""
+
+    cliprange_value: float = 0.2
+    """Value function clip range."""
+
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+
+    gamma: float = 1.0
+    """Discount factor of GAE."""
+
+    lam: float = 0.95
+    """lambda of GAE."""
+
+    whiten_advantages: bool = True
+    """Normalise advantages to mean 0, variance 1 per rollout batch."""
+
+    max_new_tokens: int = 64
+    """Online rollouts: most tokens generated per answer."""
+
+    temperature: float = 1.0
+    """Online rollouts: sampling temperature."""
+
+    top_p: float = 1.0
+    """Online rollouts: nucleus sampling threshold."""
+
     def validate(self) -> TuningConfig:
         """Check values without touching the disk's models or importing torch."""
         if self.tuning_mode not in TUNING_MODES:
             raise ConfigError(
                 f"--tuning_mode: unknown mode {self.tuning_mode!r} (choose from {', '.join(TUNING_MODES)})"
             )
+        choices = (
+            ("rollout", ROLLOUTS),
+            ("score_normalization", NORMALISATIONS),
+            ("kl_estimator", KL_ESTIMATORS),
+        )
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"--{name}: unknown value {getattr(self, name)!r} (choose from {', '.join(allowed)})"
+                )
+        if self.tuning_mode == "ppo" and self.rollout == "online":
+            sources = [n for n in ("reward_fn", "reward_model", "judge_url") if getattr(self, n)]
+            if len(sources) != 1:
+                raise ConfigError(
+                    "--rollout online needs exactly one reward source: --reward_fn, --reward_model "
+                    f"or --judge_url (got {', '.join('--' + s for s in sources) or 'none'})"
+                )
+            if self.judge_url and not self.judge_model:
+                raise ConfigError("--judge_model is required with --judge_url")
         if not self.llm_path:
             raise ConfigError("--llm_path is required (a model directory, adapter or model id)")
         if not self.dataset_path:
@@ -179,6 +279,16 @@ class TuningConfig:
                 f"(choose from {', '.join(LR_SCHEDULERS)})"
             )
         positive = (
+            "ppo_epochs",
+            "num_mini_batches",
+            "max_new_tokens",
+            "temperature",
+            "top_p",
+            "judge_timeout",
+            "kl_horizon",
+            "target_kl",
+            "cliprange",
+            "cliprange_value",
             "learning_rate",
             "per_device_train_batch_size",
             "gradient_accumulation_steps",
@@ -204,6 +314,15 @@ class TuningConfig:
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ConfigError(f"--{name}: must be a finite number, got {value!r}")
+        for name in ("kl_coef", "vf_coef", "judge_max_retries"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"--{name}: must be >= 0, got {value!r}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"--{name}: must be in [0, 1], got {getattr(self, name)!r}")
+        if self.top_p > 1.0:
+            raise ConfigError(f"--top_p: must be in (0, 1], got {self.top_p!r}")
         for name in ("warmup_ratio", "lora_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

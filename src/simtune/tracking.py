@@ -164,6 +164,7 @@ class Tracker:
         base_model: str,
         base_is_local: bool,
         tags: dict[str, str],
+        task: str = "generate",
     ) -> tuple[str, str]:
         """Log the adapter as a pyfunc model and register it; returns (version, model_uri)."""
         info = self.mlflow.pyfunc.log_model(
@@ -171,7 +172,11 @@ class Tracker:
             # Models-from-code: MLflow copies this file instead of pickling an object.
             python_model=str(Path(__file__).with_name("pyfunc.py")),
             artifacts={"adapter": str(adapter_dir)},
-            model_config={"base_model": base_model, "base_model_is_local": base_is_local},
+            model_config={
+                "base_model": base_model,
+                "base_model_is_local": base_is_local,
+                "task": task,
+            },
             # Explicit requirements: inferring them would load the model in a subprocess.
             pip_requirements=_requirements(),
             registered_model_name=name,

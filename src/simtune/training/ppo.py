@@ -1,0 +1,427 @@
+"""PPO recipe: prefer decisions that earned reward, with a LoRA policy on one shared base.
+
+TRL >= 1.0 has no PPO that trains from a fixed log of (prompt, response, reward), which
+is what simulations produce, so simtune owns this compact one (maths in ppo_math.py).
+
+Algorithm, per rollout batch of B = per_device_train_batch_size x
+gradient_accumulation_steps x num_mini_batches samples:
+
+1. Rollout. *Offline*: the action is the logged `output`, its score the logged
+   reward (else rating) normalised over the dataset (`--score_normalization`).
+   *Online*: the policy samples an answer for each prompt (temperature, top-p,
+   max_new_tokens) and a reward source scores it (Python function, reward model or
+   LLM judge); online scores are used as the source returns them.
+2. With no gradient: log-probs of the response tokens under the policy (base + LoRA)
+   and under the reference (the same base with the adapter disabled -- no second model
+   copy), and values from a linear value head on the policy's last hidden states.
+3. Per-token reward r_t = -beta * KL_t (policy || reference), plus the score at the last
+   response token. GAE(gamma, lambda) gives advantages and returns; advantages are
+   whitened over the batch.
+4. `ppo_epochs` passes over the batch in `num_mini_batches` shuffled minibatches, one
+   optimizer step each (gradient accumulation over micro-batches of
+   per_device_train_batch_size): clipped policy surrogate + vf_coef x clipped value
+   loss, gradient clipping at max_grad_norm.
+5. beta is fixed, or adapted towards `target_kl` (Ziegler et al. 2019).
+
+Deliberate simplifications (each is a cost we chose to pay, not an oversight):
+- Dropout is off for the whole job (model.eval()): old and new log-probs must agree
+  exactly before the first update (ratio == 1), and PPO is noisy enough without it.
+- The reference is the base model even when training continues from an (SFT) adapter:
+  KL is measured to the base, which is what "adapter disabled" gives for free. A merged
+  SFT reference would need a second copy of the weights.
+- Offline PPO treats logged answers as if the current policy had sampled them (what the
+  seed system did); the clipped ratio keeps updates bounded but there is no off-policy
+  correction beyond that.
+- Losses are masked means per micro-batch, so with ragged lengths and gradient
+  accumulation the weighting of tokens differs slightly from one big batch.
+- The value head reads hidden states from `output_hidden_states=True`, which keeps all
+  layers' hidden states for the step (cheap next to the activations autograd keeps).
+- Multi-GPU runs data-parallel through accelerate; every process does its own
+  rollouts on its share of the data, and KL control uses process-local statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simtune.config import TuningConfig
+from simtune.decisions.schema import Decision
+from simtune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+@dataclass
+class PPOSample:
+    decision: Decision
+    query: list[int]
+    response: list[int] | None = None
+    """Logged answer tokens (offline); None when the policy generates (online)."""
+    score: float | None = None
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+    return list(
+        tokenizer.apply_chat_template(
+            messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+        )
+    )
+
+
+def build_samples(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig) -> list[PPOSample]:
+    """Tokenize prompts (and, offline, logged answers with their normalised scores)."""
+    from simtune.training.rewards import normalise_scores
+
+    offline = cfg.rollout == "offline"
+    budget = cfg.max_length - (0 if offline else cfg.max_new_tokens)
+    if budget < 8:
+        raise DataError(f"--max_length {cfg.max_length} leaves no room for the prompt")
+    samples: list[PPOSample] = []
+    skipped = 0
+    for d in decisions:
+        score = d.reward if d.reward is not None else d.rating
+        if offline and score is None:
+            skipped += 1
+            continue
+        prompt = d.chat_prompt(cfg.system_prompt)
+        query = _chat_ids(tokenizer, prompt, True)
+        response = None
+        if offline:
+            full = _chat_ids(
+                tokenizer, prompt + [{"role": "assistant", "content": d.output}], False
+            )
+            cut = next(
+                (i for i, (a, b) in enumerate(zip(query, full, strict=False)) if a != b),
+                min(len(query), len(full)),
+            )
+            query, response = full[:cut], full[cut:][: max(1, cfg.max_length // 2)]
+            budget = cfg.max_length - len(response)
+        if len(query) > budget:
+            query = query[len(query) - budget :]  # keep the end: simulators put the ask last
+        samples.append(PPOSample(d, query, response, score))
+    if skipped:
+        log.warning(
+            "%d record(s) have no reward or rating and are skipped for offline PPO", skipped
+        )
+    if not samples:
+        raise DataError(
+            f"no scored records for offline PPO ({skipped} record(s) have neither 'reward' nor "
+            "'rating'); add scores or use --rollout online with a reward source"
+        )
+    if offline:
+        normalised = normalise_scores([s.score for s in samples], cfg.score_normalization)
+        for s, v in zip(samples, normalised, strict=True):
+            s.score = v
+    return samples
+
+
+def make_policy(model: Any, cfg: TuningConfig) -> Any:
+    """The model with a trainable LoRA adapter (a new one unless it already has one)."""
+    from peft import PeftModel, get_peft_model
+
+    from simtune.training.sft import lora_config
+
+    if isinstance(model, PeftModel):
+        return model
+    return get_peft_model(model, lora_config(cfg))
+
+
+class _PolicyAndValue:
+    """Built lazily so torch is imported only when PPO runs."""
+
+    @staticmethod
+    def build(policy: Any, adapter_dir: str | None) -> Any:
+        import torch
+        from torch import nn
+
+        class PolicyAndValue(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.policy = policy
+                hidden = policy.config.hidden_size
+                self.v_head = nn.Linear(hidden, 1)
+                # Start from value 0 everywhere: no arbitrary baseline in the first batches.
+                nn.init.zeros_(self.v_head.weight)
+                nn.init.zeros_(self.v_head.bias)
+
+            def forward(
+                self,
+                input_ids: Any,
+                attention_mask: Any,
+                *,
+                reference: bool = False,
+                with_values: bool = True,
+            ) -> tuple[Any, Any, Any]:
+                from simtune.training.ppo_math import entropy_from_logits, logprobs_from_logits
+
+                if reference:
+                    with self.policy.disable_adapter():
+                        out = self.policy(input_ids=input_ids, attention_mask=attention_mask)
+                    logits = out.logits[:, :-1].float()
+                    return logprobs_from_logits(logits, input_ids[:, 1:]), None, None
+                out = self.policy(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    output_hidden_states=with_values,
+                )
+                logits = out.logits[:, :-1].float()
+                logp = logprobs_from_logits(logits, input_ids[:, 1:])
+                values = None
+                if with_values:
+                    hidden = out.hidden_states[-1][:, :-1]
+                    values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
+                return logp, values, entropy_from_logits(logits)
+
+        module = PolicyAndValue()
+        if adapter_dir and (Path(adapter_dir) / VALUE_HEAD_FILE).is_file():
+            from safetensors.torch import load_file
+
+            module.v_head.load_state_dict(load_file(str(Path(adapter_dir) / VALUE_HEAD_FILE)))
+        module.v_head.to(next(policy.parameters()).device, dtype=torch.float32)
+        return module
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[Any, Any]:
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if left:
+            ids[i, width - len(s) :] = torch.tensor(s)
+            att[i, width - len(s) :] = 1
+        else:
+            ids[i, : len(s)] = torch.tensor(s)
+            att[i, : len(s)] = 1
+    return ids, att
+
+
+def _generate(
+    policy: Any, tokenizer: Any, queries: list[list[int]], cfg: TuningConfig, device: Any
+) -> list[list[int]]:
+    """Sample one answer per query; the answer ends at (and keeps) the first EOS."""
+    import torch
+
+    ids, att = _pad(queries, tokenizer.pad_token_id, left=True)
+    with torch.no_grad():
+        out = policy.generate(
+            input_ids=ids.to(device),
+            attention_mask=att.to(device),
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    responses = []
+    for row in out[:, ids.shape[1] :].tolist():
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id) + 1]
+        responses.append(row or [tokenizer.eos_token_id])
+    return responses
+
+
+def train_ppo(
+    cfg: TuningConfig,
+    samples: list[PPOSample],
+    model: Any,
+    tokenizer: Any,
+    *,
+    reward_source: Any | None,
+    log_metrics: Callable[[dict[str, float], int], None],
+    adapter_dir: str | None = None,
+) -> tuple[dict[str, float], Any, Any]:
+    """Run PPO; returns (final metrics, trained PEFT policy, value head module)."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    from simtune.training import ppo_math as pm
+
+    set_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    accelerator = Accelerator(
+        mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
+    )
+    policy = make_policy(model, cfg)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    module = _PolicyAndValue.build(policy, adapter_dir)
+    micro = cfg.per_device_train_batch_size
+    mini = micro * cfg.gradient_accumulation_steps
+    batch = mini * cfg.num_mini_batches
+    n_rollouts = (
+        cfg.max_steps
+        if cfg.max_steps > 0
+        else max(1, math.ceil(cfg.num_train_epochs * len(samples) / batch))
+    )
+    total_updates = n_rollouts * cfg.ppo_epochs * cfg.num_mini_batches
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=math.ceil(cfg.warmup_ratio * total_updates),
+        num_training_steps=total_updates,
+    )
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    inner = accelerator.unwrap_model(module)
+    inner.eval()  # see the docstring: no dropout in PPO
+    kl_ctl = (
+        pm.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        if cfg.adaptive_kl
+        else pm.FixedKLController(cfg.kl_coef)
+    )
+    device = accelerator.device
+    pad_id = tokenizer.pad_token_id
+
+    order: list[int] = []
+    history: list[dict[str, float]] = []
+    progress = _progress(n_rollouts, accelerator.is_main_process)
+    for step in range(1, n_rollouts + 1):
+        # --- 1. rollout ------------------------------------------------------------
+        picked = []
+        while len(picked) < batch:
+            if not order:
+                order = list(range(len(samples)))
+                rng.shuffle(order)
+            picked.append(samples[order.pop()])
+        queries = [s.query for s in picked]
+        if cfg.rollout == "offline":
+            responses = [s.response for s in picked]
+            scores = [float(s.score) for s in picked]
+        else:
+            responses = _generate(inner.policy, tokenizer, queries, cfg, device)
+            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+            scores = reward_source.score(
+                [s.decision.chat_prompt(cfg.system_prompt) for s in picked],
+                texts,
+                [s.decision for s in picked],
+            )
+        ids, att = _pad([q + r for q, r in zip(queries, responses, strict=True)], pad_id)
+        mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+        for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
+            mask[i, len(q) - 1 : len(q) - 1 + len(r)] = 1.0
+        ids, att, mask = ids.to(device), att.to(device), mask.to(device)
+        score_t = torch.tensor(scores, dtype=torch.float32, device=device)
+
+        # --- 2-3. old log-probs, reference, values, rewards, advantages -------------
+        with torch.no_grad():
+            old_logp, old_values, _ = module(ids, att)
+            ref_logp, _, _ = module(ids, att, reference=True)
+            rewards, kl = pm.compute_rewards(
+                score_t, old_logp, ref_logp, mask, kl_ctl.value, cfg.kl_estimator
+            )
+            adv, returns = pm.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages:
+                adv = pm.masked_whiten(adv, mask)
+
+        # --- 4. PPO epochs over minibatches ----------------------------------------
+        stats: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "policy_loss",
+                "value_loss",
+                "clipfrac",
+                "approx_kl",
+                "value_clipfrac",
+                "entropy",
+            )
+        }
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(
+                batch, generator=torch.Generator().manual_seed(rng.getrandbits(31))
+            )
+            for start in range(0, batch, mini):
+                mb = perm[start : start + mini]
+                for m0 in range(0, len(mb), micro):
+                    idx = mb[m0 : m0 + micro].to(device)
+                    logp, values, entropy = module(ids[idx], att[idx])
+                    m = mask[idx]
+                    pg, clipfrac, approx_kl = pm.policy_loss(
+                        logp, old_logp[idx], adv[idx], m, cfg.cliprange
+                    )
+                    vf, vclip = pm.value_loss(
+                        values, old_values[idx], returns[idx], m, cfg.cliprange_value
+                    )
+                    loss = (pg + cfg.vf_coef * vf) / cfg.gradient_accumulation_steps
+                    accelerator.backward(loss)
+                    for k, v in (
+                        ("policy_loss", pg),
+                        ("value_loss", vf),
+                        ("clipfrac", clipfrac),
+                        ("approx_kl", approx_kl),
+                        ("value_clipfrac", vclip),
+                        ("entropy", pm.masked_mean(entropy.detach(), m)),
+                    ):
+                        stats[k].append(float(v.detach()))
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        # --- 5. KL control and logging ---------------------------------------------
+        seq_kl = float((kl * mask).sum(dim=1).mean())
+        kl_ctl.update(seq_kl, batch)
+        record = {
+            "ppo/score_mean": float(score_t.mean()),
+            "ppo/score_std": float(score_t.std()) if batch > 1 else 0.0,
+            "ppo/kl": seq_kl,
+            "ppo/kl_coef": float(kl_ctl.value),
+            "ppo/returns_mean": float(pm.masked_mean(returns, mask)),
+            "ppo/response_length": float(mask.sum(dim=1).mean()),
+            "train/learning_rate": float(scheduler.get_last_lr()[0]),
+            **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()},
+        }
+        history.append(record)
+        if accelerator.is_main_process and (step % cfg.logging_steps == 0 or step == n_rollouts):
+            log_metrics(record, step)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(
+                score=f"{record['ppo/score_mean']:.3f}", kl=f"{seq_kl:.3f}", refresh=False
+            )
+    if progress is not None:
+        progress.close()
+    if reward_source is not None and accelerator.is_main_process:
+        log_metrics(
+            {f"reward_source/{k}": float(v) for k, v in reward_source.stats().items()}, n_rollouts
+        )
+    last = history[-1]
+    metrics = {
+        "global_step": float(n_rollouts),
+        "score_mean_first": history[0]["ppo/score_mean"],
+        "score_mean_last": last["ppo/score_mean"],
+        "kl_last": last["ppo/kl"],
+        "policy_loss_last": last["ppo/policy_loss"],
+        "value_loss_last": last["ppo/value_loss"],
+    }
+    return metrics, accelerator.unwrap_model(module).policy, inner.v_head
+
+
+def save_value_head(v_head: Any, adapter_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in v_head.state_dict().items()},
+        str(adapter_dir / VALUE_HEAD_FILE),
+    )
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="PPO", unit="step")

@@ -1,0 +1,341 @@
+"""PPO on the tiny model: offline preference shift, online reward rise, KL behaviour, bad input."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+PPO_FAST = dict(
+    tuning_mode="ppo",
+    learning_rate=5e-3,
+    per_device_train_batch_size=8,
+    warmup_ratio=0.0,
+    lr_scheduler_type="constant",
+    lora_dropout=0.0,
+    seed=0,
+    ppo_epochs=2,
+    max_length=128,
+)
+GOOD, BAD = '{"action": "apply"}', '{"action": "wait"}'
+SKILLS = ["python", "sales", "welding", "nursing", "design", "cooking", "driving", "law"]
+
+
+def preference_data(path: Path, skills: list[str]) -> Path:
+    """The same prompts with a rewarded answer and a punished one."""
+    with path.open("w") as fh:
+        for i, skill in enumerate(skills):
+            prompt = f"You are a job seeker skilled in {skill}. Apply or wait? Answer in JSON."
+            for out, reward in ((GOOD, 1.0), (BAD, 0.0)):
+                fh.write(
+                    json.dumps(
+                        {
+                            "decision_id": f"{i}-{reward}",
+                            "prompt": prompt,
+                            "output": out,
+                            "reward": reward,
+                        }
+                    )
+                    + "\n"
+                )
+    return path
+
+
+def logp_gap(model_dir: str | Path, adapter: str | None, prompts: list[str]) -> float:
+    """Mean over prompts of log pi(GOOD) - log pi(BAD) (summed over answer tokens)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter or model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    gaps = []
+    for prompt in prompts:
+        msgs = [{"role": "user", "content": prompt}]
+        q = tok.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False)
+        total = {}
+        for ans in (GOOD, BAD):
+            full = tok.apply_chat_template(
+                msgs + [{"role": "assistant", "content": ans}], return_dict=False
+            )
+            ids = torch.tensor([full])
+            with torch.no_grad():
+                logits = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            tgt = ids[0, 1:]
+            lp = logits[torch.arange(len(tgt)), tgt][len(q) - 1 :]
+            total[ans] = float(lp.sum())
+        gaps.append(total[GOOD] - total[BAD])
+    return sum(gaps) / len(gaps)
+
+
+def test_offline_ppo_prefers_rewarded_answers_on_held_out_prompts(tiny_model, workspace, tmp_path):
+    import mlflow
+
+    from simtune import run_tuning
+
+    data = preference_data(tmp_path / "decisions_pref.jsonl", SKILLS)
+    held_out = [
+        f"You are a job seeker skilled in {s}. Apply or wait? Answer in JSON."
+        for s in ("plumbing", "teaching", "music")
+    ]
+    before = logp_gap(tiny_model, None, held_out)
+    result = run_tuning(
+        llm_path=str(tiny_model),
+        dataset_path=[str(data)],
+        workspace=str(workspace),
+        max_steps=8,
+        **PPO_FAST,
+    )
+    after = logp_gap(tiny_model, result.adapter_path, held_out)
+    assert after > before + 1.0, (before, after)
+
+    client = mlflow.MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    for name in (
+        "ppo/score_mean",
+        "ppo/score_std",
+        "ppo/kl",
+        "ppo/entropy",
+        "ppo/clipfrac",
+        "ppo/approx_kl",
+        "ppo/policy_loss",
+        "ppo/value_loss",
+        "ppo/returns_mean",
+        "train/learning_rate",
+    ):
+        history = client.get_metric_history(result.run_id, name)
+        assert [m.step for m in history] == list(range(1, 9)), name
+    assert Path(result.adapter_path, "value_head.safetensors").is_file()
+    assert result.registered_model_name == "llm_tuning-ppo"
+    entries = json.loads((workspace / "models" / "registry.json").read_text())["models"]
+    assert entries[0]["tuning_mode"] == "ppo" and entries[0]["model_id"] == result.model_id
+    assert result.dataset["num_ppo_samples"] == 2 * len(SKILLS)
+
+
+def mean_sampled_reward(
+    model_dir: Path, adapter: str | None, prompts: list[str], n: int = 6
+) -> float:
+    """Mean 'answer contains a digit' reward over n sampled answers per prompt."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    if adapter:
+        model = PeftModel.from_pretrained(model, adapter)
+    model.eval()
+    torch.manual_seed(1234)
+    hits = []
+    for prompt in prompts:
+        enc = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )
+        with torch.no_grad():
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                max_new_tokens=8,
+                num_return_sequences=n,
+                pad_token_id=tok.pad_token_id,
+            )
+        for row in out[:, enc["input_ids"].shape[1] :]:
+            hits.append(any(c.isdigit() for c in tok.decode(row, skip_special_tokens=True)))
+    return sum(hits) / len(hits)
+
+
+def test_online_ppo_with_reward_function_raises_reward(tiny_model, workspace, tmp_path):
+    from simtune import run_tuning
+
+    (tmp_path / "digit_reward.py").write_text(
+        "def reward(prompt, completion, record):\n"
+        "    return float(any(c.isdigit() for c in completion))\n"
+    )
+    data = preference_data(tmp_path / "decisions_pref.jsonl", SKILLS)
+    prompts = [
+        f"You are a job seeker skilled in {s}. Apply or wait? Answer in JSON." for s in SKILLS
+    ]
+    before = mean_sampled_reward(tiny_model, None, prompts)
+    result = run_tuning(
+        llm_path=str(tiny_model),
+        dataset_path=[str(data)],
+        workspace=str(workspace),
+        rollout="online",
+        reward_fn=f"{tmp_path / 'digit_reward.py'}:reward",
+        max_steps=30,
+        max_new_tokens=8,
+        kl_coef=0.01,
+        **{**PPO_FAST, "learning_rate": 1e-2, "ppo_epochs": 4},
+    )
+    after = mean_sampled_reward(tiny_model, result.adapter_path, prompts)
+    assert after > before + 0.2, (before, after)
+    assert result.dataset["rollout"] == "online"
+
+
+def test_zero_scores_keep_policy_near_reference_and_ratio_starts_at_one(
+    tiny_model, workspace, tmp_path
+):
+    import mlflow
+
+    from simtune import run_tuning
+
+    path = tmp_path / "decisions_zero.jsonl"
+    with path.open("w") as fh:
+        for i, skill in enumerate(SKILLS):
+            fh.write(
+                json.dumps(
+                    {
+                        "prompt": f"Skill {skill}?",
+                        "output": GOOD,
+                        "reward": 0.0,
+                        "decision_id": str(i),
+                    }
+                )
+                + "\n"
+            )
+    result = run_tuning(
+        llm_path=str(tiny_model),
+        dataset_path=[str(path)],
+        workspace=str(workspace),
+        max_steps=6,
+        kl_coef=0.5,
+        score_normalization="none",
+        **PPO_FAST,
+    )
+    client = mlflow.MlflowClient(result.tracking_uri)
+    kls = [m.value for m in client.get_metric_history(result.run_id, "ppo/kl")]
+    assert kls[0] == pytest.approx(0.0, abs=1e-6)  # nothing learned yet: policy == reference
+    assert max(abs(k) for k in kls) < 0.05, kls
+
+
+def test_ratio_is_exactly_one_before_any_update(tiny_model):
+    import torch
+
+    from simtune.config import build_config
+    from simtune.training.model import load_model, resolve_model
+    from simtune.training.ppo import _PolicyAndValue, make_policy
+    from simtune.training.ppo_math import policy_loss
+
+    cfg = build_config(
+        overrides={"llm_path": str(tiny_model), "dataset_path": ["x"], "tuning_mode": "ppo"}
+    )
+    module = _PolicyAndValue.build(
+        make_policy(load_model(resolve_model(str(tiny_model)), trainable_adapter=True), cfg), None
+    )
+    module.eval()
+    ids = torch.randint(5, 500, (3, 12))
+    att = torch.ones_like(ids)
+    mask = torch.zeros(3, 11)
+    mask[:, 5:] = 1
+    with torch.no_grad():
+        old, _, _ = module(ids, att)
+        new, _, _ = module(ids, att)
+        ref, _, _ = module(ids, att, reference=True)
+    adv = torch.randn(3, 11)
+    loss, clipfrac, approx_kl = policy_loss(new, old, adv, mask, 0.2)
+    assert torch.equal(old, new)
+    assert float(clipfrac) == 0.0 and float(approx_kl) == 0.0
+    # a fresh LoRA adapter (B = 0) is exactly the reference
+    assert torch.allclose(old, ref, atol=1e-6)
+
+
+def _mlflow_statuses(ws: Path) -> list[str]:
+    db = ws / "mlflow.db"
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as con:
+        return [r[0] for r in con.execute("select status from runs")]
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--rollout", "online", "--reward_fn", "no_such_module_xyz:f"], "--reward_fn"),
+        (["--rollout", "online"], "exactly one reward source"),
+        (
+            ["--rollout", "online", "--judge_url", "http://127.0.0.1:9/v1", "--judge_model", "j"],
+            "--judge_url",
+        ),
+    ],
+)
+def test_bad_reward_sources_fail_before_training(args, needle, tiny_model, workspace, tmp_path):
+    data = preference_data(tmp_path / "decisions_pref.jsonl", SKILLS[:2])
+    proc = run_cli(
+        "train",
+        "--tuning_mode",
+        "ppo",
+        "--llm_path",
+        str(tiny_model),
+        "--dataset_path",
+        str(data),
+        "--workspace",
+        str(workspace),
+        *args,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and needle in proc.stderr
+    assert _mlflow_statuses(workspace) == []
+    assert not (workspace / "models" / "registry.json").exists()
+
+
+def test_no_scored_records_is_a_clear_error(tiny_model, workspace, tmp_path):
+    path = tmp_path / "unscored.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "output": "o"}) + "\n")
+    proc = run_cli(
+        "train",
+        "--tuning_mode",
+        "ppo",
+        "--llm_path",
+        str(tiny_model),
+        "--dataset_path",
+        str(path),
+        "--workspace",
+        str(workspace),
+    )
+    assert proc.returncode == 2 and "no scored records" in proc.stderr, proc.stderr[-2000:]
+    assert _mlflow_statuses(workspace) == []
+
+
+def test_reward_function_raising_marks_run_failed(tiny_model, workspace, tmp_path):
+    (tmp_path / "broken_reward.py").write_text(
+        "def reward(prompt, completion, record):\n    raise RuntimeError('boom')\n"
+    )
+    data = preference_data(tmp_path / "decisions_pref.jsonl", SKILLS[:2])
+    proc = run_cli(
+        "train",
+        "--tuning_mode",
+        "ppo",
+        "--llm_path",
+        str(tiny_model),
+        "--dataset_path",
+        str(data),
+        "--workspace",
+        str(workspace),
+        "--rollout",
+        "online",
+        "--reward_fn",
+        f"{tmp_path / 'broken_reward.py'}:reward",
+        "--max_steps",
+        "2",
+        "--max_new_tokens",
+        "4",
+    )
+    assert proc.returncode == 2 and "boom" in proc.stderr, proc.stderr[-2000:]
+    assert _mlflow_statuses(workspace) == ["FAILED"]
+    assert not (workspace / "models" / "registry.json").exists()
+    models = workspace / "models"
+    assert not models.exists() or not [
+        p for p in models.iterdir() if p.name != "registry.json.lock"
+    ]
