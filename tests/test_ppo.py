@@ -339,3 +339,48 @@ def test_reward_function_raising_marks_run_failed(tiny_model, workspace, tmp_pat
     assert not models.exists() or not [
         p for p in models.iterdir() if p.name != "registry.json.lock"
     ]
+
+
+def test_reward_model_trains_registers_and_drives_online_ppo(tiny_model, workspace, tmp_path):
+    import mlflow
+
+    from simtune import run_tuning
+
+    data = preference_data(tmp_path / "decisions_pref.jsonl", SKILLS)
+    rm = run_tuning(
+        tuning_mode="reward",
+        llm_path=str(tiny_model),
+        dataset_path=[str(data)],
+        workspace=str(workspace),
+        max_steps=15,
+        learning_rate=5e-3,
+        per_device_train_batch_size=8,
+        warmup_ratio=0.0,
+        lora_dropout=0.0,
+        seed=0,
+    )
+    assert rm.registered_model_name == "llm_tuning-reward"
+    client = mlflow.MlflowClient(rm.tracking_uri)
+    assert client.get_run(rm.run_id).info.status == "FINISHED"
+    assert len(client.get_metric_history(rm.run_id, "train/loss")) == 15
+    mlflow.set_tracking_uri(rm.tracking_uri)
+    scorer = mlflow.pyfunc.load_model(rm.model_uri)
+    prompt = f"You are a job seeker skilled in {SKILLS[0]}. Apply or wait? Answer in JSON."
+    good, bad = scorer.predict(
+        [{"prompt": prompt, "completion": GOOD}, {"prompt": prompt, "completion": BAD}]
+    )
+    assert good > bad, (good, bad)
+
+    # the registered reward model's id works as --reward_model for online PPO
+    ppo = run_tuning(
+        llm_path=str(tiny_model),
+        dataset_path=[str(data)],
+        workspace=str(workspace),
+        rollout="online",
+        reward_model=rm.model_id,
+        max_steps=2,
+        max_new_tokens=4,
+        **PPO_FAST,
+    )
+    history = client.get_metric_history(ppo.run_id, "ppo/score_mean")
+    assert len(history) == 2 and all(abs(m.value) < 100 for m in history)

@@ -493,3 +493,37 @@ def test_full_sequence_classification_checkpoint_scores_the_same(reward_adapter,
     a = RewardModelScorer(str(adapter)).score(prompts, [GOOD] * 4, [])
     b = RewardModelScorer(str(full)).score(prompts, [GOOD] * 4, [])
     assert b == pytest.approx(a, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_online_ppo_scored_by_a_judge_endpoint(judge, tiny_model, tmp_path):
+    import mlflow
+
+    from simtune import run_tuning
+
+    data = tmp_path / "decisions_j.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"prompt": f"Decide {i}", "output": "x"}) for i in range(4)) + "\n"
+    )
+    result = run_tuning(
+        tuning_mode="ppo",
+        rollout="online",
+        llm_path=str(tiny_model),
+        dataset_path=[str(data)],
+        workspace=str(tmp_path / "ws"),
+        judge_url=judge.url,
+        judge_model="judge",
+        max_steps=2,
+        max_new_tokens=4,
+        per_device_train_batch_size=4,
+        ppo_epochs=1,
+    )
+    assert len(judge.requests) == 8  # 2 rollouts x 4 sampled answers, each judged once
+    assert all(r["model"] == "judge" for r in judge.requests)
+    client = mlflow.MlflowClient(result.tracking_uri)
+    # unknown answers get "Score: 3" from this judge, i.e. a neutral 0.0
+    assert [m.value for m in client.get_metric_history(result.run_id, "ppo/score_mean")] == [
+        0.0,
+        0.0,
+    ]
+    assert client.get_run(result.run_id).data.metrics["reward_source/calls"] >= 8

@@ -136,6 +136,8 @@ def run_tuning(config: TuningConfig | str | None = None, /, **options: Any) -> T
                 base_is_local=spec.base_is_local,
                 tags=tags,
                 task="reward" if cfg.tuning_mode == "reward" else "generate",
+                # A reward model must see its inputs the way it was trained on them.
+                extra_config={"max_length": cfg.max_length, "system_prompt": cfg.system_prompt},
             )
             meta = {
                 "model_id": model_id,

@@ -165,6 +165,7 @@ class Tracker:
         base_is_local: bool,
         tags: dict[str, str],
         task: str = "generate",
+        extra_config: dict[str, Any] | None = None,
     ) -> tuple[str, str]:
         """Log the adapter as a pyfunc model and register it; returns (version, model_uri)."""
         info = self.mlflow.pyfunc.log_model(
@@ -176,6 +177,7 @@ class Tracker:
                 "base_model": base_model,
                 "base_model_is_local": base_is_local,
                 "task": task,
+                **(extra_config or {}),
             },
             # Explicit requirements: inferring them would load the model in a subprocess.
             pip_requirements=_requirements(),
