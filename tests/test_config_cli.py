@@ -139,7 +139,10 @@ def test_empty_yaml_is_all_defaults(tmp_path: Path) -> None:
         ({"bf16": True, "fp16": True}, "--bf16 and --fp16 exclude each other"),
         ({"warmup_ratio": 1.5}, "--warmup_ratio: must be in [0, 1), got 1.5"),
         ({"lora_dropout": -0.1}, "--lora_dropout: must be in [0, 1)"),
-        ({"tuning_mode": "ppo"}, "--tuning_mode: unknown mode 'ppo' (choose from sft)"),
+        (
+            {"tuning_mode": "dpo"},
+            "--tuning_mode: unknown mode 'dpo' (choose from sft, ppo, reward)",
+        ),
         ({"llm_path": None}, "--llm_path is required"),
         ({"dataset_path": []}, "--dataset_path is required"),
         ({"per_device_train_batch_size": 2.5}, "--per_device_train_batch_size: expected int"),
@@ -369,12 +372,14 @@ def test_unknown_tuning_mode(tmp_path: Path) -> None:
         "--dataset_path",
         str(SAMPLE),
         "--tuning_mode",
-        "ppo",
+        "dpo",
         cwd=tmp_path,
         timeout=60,
     )
     line = one_line_error(proc)
-    assert line == "simtune: error: --tuning_mode: unknown mode 'ppo' (choose from sft)"
+    assert (
+        line == "simtune: error: --tuning_mode: unknown mode 'dpo' (choose from sft, ppo, reward)"
+    )
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 

@@ -26,6 +26,8 @@ gradient_accumulation_steps x num_mini_batches samples:
 Deliberate simplifications (each is a cost we chose to pay, not an oversight):
 - Dropout is off for the whole job (model.eval()): old and new log-probs must agree
   exactly before the first update (ratio == 1), and PPO is noisy enough without it.
+  Transformers only checkpoints activations in training mode, so
+  `--gradient_checkpointing` saves no memory here.
 - The reference is the base model even when training continues from an (SFT) adapter:
   KL is measured to the base, which is what "adapter disabled" gives for free. A merged
   SFT reference would need a second copy of the weights.
