@@ -18,3 +18,4 @@ lint: setup
 
 bench: setup
 	.venv/bin/python bench/sft_vs_trl.py
+	.venv/bin/python bench/ppo_vs_sft.py

@@ -28,7 +28,9 @@ Metrics (medians over ``--runs`` runs per side)
                     backward (``Accelerator.backward``, used by both), ``optimizer.step``
                     and the rest (data collation, loss maths, logging to MLflow, ...),
                     timed by wrapping those calls in the worker. Wall time; one torch
-                    thread, so the calls are synchronous.
+                    thread, so the calls are synchronous. Steady state: the optimizer
+                    step(s) of the first rollout are left out (the first forward pass of
+                    a process pays one-time warm-up); the JSON also has all-step means.
     peak RSS        ``ru_maxrss`` of the whole worker (imports, MLflow, model load, ...).
     RSS growth      training only: the worker resets its high-water mark
                     (``/proc/self/clear_refs`` = 5) right before the training function and
@@ -97,6 +99,7 @@ class Probe:
     def __init__(self) -> None:
         self.loop_start: float | None = None
         self.step_ends: list[float] = []
+        self.snapshots: list[dict[str, float]] = []
         self.totals = dict.fromkeys(CATEGORIES, 0.0)
         self.train_tokens = 0
         self.train_padded = 0
@@ -127,6 +130,7 @@ def _install_common(probe: Probe) -> None:
         t = time.perf_counter()
         probe.add("optimizer", t - probe._opt_t0)
         probe.step_ends.append(t)
+        probe.snapshots.append(dict(probe.totals))
 
     register_optimizer_step_pre_hook(pre)
     register_optimizer_step_post_hook(post)
@@ -274,6 +278,14 @@ def worker_main(a: argparse.Namespace) -> None:
     samples = a.steps * a.batch
     per_step = {k: 1000 * v / n_opt for k, v in probe.totals.items()}
     per_step["other"] = 1000 * loop_s / n_opt - sum(per_step.values())
+    # Steady state: skip the first rollout's optimizer step(s), whose first forward pass
+    # pays the process's one-time warm-up (lazy init, first allocations).
+    k0 = PPO_EPOCHS.get(a.worker, 1)
+    first, last = probe.snapshots[k0 - 1], probe.snapshots[-1]
+    span = n_opt - k0
+    steady = {k: 1000 * (last[k] - first[k]) / span for k in CATEGORIES}
+    steady_step = 1000 * (probe.step_ends[-1] - probe.step_ends[k0 - 1]) / span
+    steady["other"] = steady_step - sum(steady.values())
     res = {
         "side": a.worker,
         "import_s": t_import,
@@ -285,6 +297,8 @@ def worker_main(a: argparse.Namespace) -> None:
         "step_ms": 1000 * loop_s / n_opt,
         "step_interval_median_ms": 1000 * statistics.median(intervals) if intervals else None,
         "breakdown_ms_per_step": per_step,
+        "steady_step_ms": steady_step,
+        "steady_breakdown_ms_per_step": steady,
         "tokens_per_step": probe.train_tokens / n_opt,
         "padded_tokens_per_step": probe.train_padded / n_opt,
         "rows_per_step": probe.train_rows / n_opt,
@@ -402,6 +416,7 @@ SCALARS = (
     "loop_s",
     "step_ms",
     "step_interval_median_ms",
+    "steady_step_ms",
     "tokens_per_step",
     "padded_tokens_per_step",
     "peak_rss_mib",
@@ -419,7 +434,9 @@ def summarise(results: list[dict], sides: list[str]) -> dict[str, dict[str, floa
         rows = [r for r in results if r["side"] == side]
         med[side] = {k: statistics.median(r[k] for r in rows) for k in SCALARS}
         for k in (*CATEGORIES, "other"):
-            med[side][f"ms_{k}"] = statistics.median(r["breakdown_ms_per_step"][k] for r in rows)
+            med[side][f"ms_{k}"] = statistics.median(
+                r["steady_breakdown_ms_per_step"][k] for r in rows
+            )
         med[side]["optimizer_steps"] = rows[0]["optimizer_steps"]
     return med
 
@@ -431,6 +448,7 @@ def markdown(med: dict[str, dict[str, float]], meta: dict[str, Any], sides: list
         ("Optimizer steps per run", "optimizer_steps", "{:.0f}"),
         ("Time per optimizer step (ms): loop time / steps", "step_ms", "{:.1f}"),
         ("Time per optimizer step (ms): median step-to-step", "step_interval_median_ms", "{:.1f}"),
+        ("Time per optimizer step (ms): steady state, mean", "steady_step_ms", "{:.1f}"),
         ("  rollout: policy + values, no grad (ms/step)", "ms_rollout_policy_value", "{:.1f}"),
         ("  rollout: reference, no grad (ms/step)", "ms_rollout_reference", "{:.1f}"),
         ("  forward with grad (ms/step)", "ms_train_forward", "{:.1f}"),
