@@ -268,9 +268,11 @@ def _mlflow_statuses(ws: Path) -> list[str]:
             ["--rollout", "online", "--judge_url", "http://127.0.0.1:9/v1", "--judge_model", "j"],
             "--judge_url",
         ),
+        (["--rollout", "online", "--reward_model", "TINY"], "--reward_model"),
     ],
 )
 def test_bad_reward_sources_fail_before_training(args, needle, tiny_model, workspace, tmp_path):
+    args = [str(tiny_model) if a == "TINY" else a for a in args]  # a causal LM, not a classifier
     data = preference_data(tmp_path / "decisions_pref.jsonl", SKILLS[:2])
     proc = run_cli(
         "train",
@@ -384,3 +386,32 @@ def test_reward_model_trains_registers_and_drives_online_ppo(tiny_model, workspa
     )
     history = client.get_metric_history(ppo.run_id, "ppo/score_mean")
     assert len(history) == 2 and all(abs(m.value) < 100 for m in history)
+
+
+def test_ppo_continues_from_an_sft_adapter(tiny_model, workspace, tmp_path):
+    from safetensors.torch import load_file
+
+    from simtune import run_tuning
+
+    data = preference_data(tmp_path / "decisions_pref.jsonl", SKILLS)
+    sft = run_tuning(
+        llm_path=str(tiny_model),
+        dataset_path=[str(data)],
+        workspace=str(workspace),
+        max_steps=3,
+        learning_rate=5e-3,
+        per_device_train_batch_size=8,
+    )
+    ppo = run_tuning(
+        llm_path=sft.adapter_path,
+        dataset_path=[str(data)],
+        workspace=str(workspace),
+        max_steps=2,
+        **PPO_FAST,
+    )
+    meta = json.loads((Path(ppo.adapter_path) / "simtune.json").read_text())
+    assert meta["continued_from_adapter"] == sft.adapter_path
+    w_sft = load_file(str(Path(sft.adapter_path) / "adapter_model.safetensors"))
+    w_ppo = load_file(str(Path(ppo.adapter_path) / "adapter_model.safetensors"))
+    assert w_sft.keys() == w_ppo.keys()
+    assert any(not w_sft[k].equal(w_ppo[k]) for k in w_sft)
