@@ -14,7 +14,6 @@ token, which is the end of the answer.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -105,50 +104,16 @@ def reward_lora_config(cfg: TuningConfig) -> Any:
 
 def reward_args(cfg: TuningConfig, output_dir: Path) -> Any:
     """TrainingArguments with the same choices as sft.sft_args."""
-    import torch
     from transformers import TrainingArguments
 
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio).
-    warmup = (
-        {"warmup_ratio": cfg.warmup_ratio}
-        if "warmup_ratio" in names
-        else {"warmup_steps": cfg.warmup_ratio}
-    )
-    # ... and renamed gradient_checkpointing to activation_checkpointing.
-    ckpt = (
-        "activation_checkpointing"
-        if "activation_checkpointing" in names
-        else "gradient_checkpointing"
-    )
-    checkpointing: dict[str, Any] = {ckpt: cfg.gradient_checkpointing}
-    if cfg.gradient_checkpointing:
-        checkpointing[f"{ckpt}_kwargs"] = {"use_reentrant": False}
-    return TrainingArguments(
-        **warmup,
-        output_dir=str(output_dir),
-        learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        lr_scheduler_type=cfg.lr_scheduler_type,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps > 0 else "no",
-        save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=cfg.bf16,
-        fp16=cfg.fp16,
-        **checkpointing,
-        report_to="none",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
+    from simtune.training.sft import training_arguments
+
+    return training_arguments(
+        TrainingArguments,
+        cfg,
+        output_dir,
         remove_unused_columns=False,
         label_names=["labels"],
-        save_only_model=False,
     )
 
 

@@ -100,22 +100,28 @@ def lora_config(cfg: TuningConfig) -> Any:
     )
 
 
-def sft_args(cfg: TuningConfig, output_dir: Path) -> Any:
-    """TRL SFTConfig from our config (shared by simtune and the plain-TRL benchmark)."""
+def training_arguments(args_cls: type, cfg: TuningConfig, output_dir: Path, **extra: Any) -> Any:
+    """`args_cls` (TrainingArguments or a TRL subclass) filled from our config: the one
+    place that maps simtune options onto Hugging Face names across versions."""
     import dataclasses
 
     import torch
-    from trl import SFTConfig
 
-    # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio).
-    names = {f.name for f in dataclasses.fields(SFTConfig)}
-    warmup = (
-        {"warmup_ratio": cfg.warmup_ratio}
-        if "warmup_ratio" in names
-        else {"warmup_steps": cfg.warmup_ratio}
+    names = {f.name for f in dataclasses.fields(args_cls)}
+    # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio) ...
+    warmup = "warmup_ratio" if "warmup_ratio" in names else "warmup_steps"
+    # ... and renamed gradient_checkpointing to activation_checkpointing.
+    ckpt = (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
     )
-    return SFTConfig(
-        **warmup,
+    checkpointing: dict[str, Any] = {ckpt: cfg.gradient_checkpointing}
+    if cfg.gradient_checkpointing:
+        checkpointing[f"{ckpt}_kwargs"] = {"use_reentrant": False}
+    return args_cls(
+        **{warmup: cfg.warmup_ratio},
+        **checkpointing,
         output_dir=str(output_dir),
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs,
@@ -132,13 +138,24 @@ def sft_args(cfg: TuningConfig, output_dir: Path) -> Any:
         data_seed=cfg.seed,
         bf16=cfg.bf16,
         fp16=cfg.fp16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        padding_free=cfg.padding_free,
-        max_length=cfg.max_length,
-        completion_only_loss=True,
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        **extra,
+    )
+
+
+def sft_args(cfg: TuningConfig, output_dir: Path) -> Any:
+    """TRL SFTConfig from our config."""
+    from trl import SFTConfig
+
+    return training_arguments(
+        SFTConfig,
+        cfg,
+        output_dir,
+        padding_free=cfg.padding_free,
+        max_length=cfg.max_length,
+        completion_only_loss=True,
         remove_unused_columns=True,
         save_only_model=False,
     )
