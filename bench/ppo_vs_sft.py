@@ -52,10 +52,8 @@ import math
 import os
 import platform
 import re
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,9 +61,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from harness import (
+    SAMPLE,
+    make_data,
+    make_store,
+    order,
+    peak_rss_mib,
+    run_worker,
+    versions,
+    warm_caches,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-SAMPLE = ROOT / "src" / "simtune" / "data" / "sample_decisions.jsonl"
 ALL_SIDES = ("sft", "ppo", "ppo4")
 PPO_EPOCHS = {"ppo": 1, "ppo4": 4}
 TARGET_RSS = 1.3
@@ -218,7 +226,7 @@ def _wrap_train(module: Any, name: str, box: dict[str, Any], extra_callback: Any
         box["hwm_reset"] = _reset_hwm()
         st = _status_kib()
         box["rss_before_train_mib"] = st["VmRSS"] / 1024
-        box["maxrss_before_train_mib"] = _peak_rss_mib()
+        box["maxrss_before_train_mib"] = peak_rss_mib()
         t0 = time.perf_counter()
         try:
             return original(*args, **kwargs)
@@ -227,11 +235,6 @@ def _wrap_train(module: Any, name: str, box: dict[str, Any], extra_callback: Any
             box["rss_peak_train_mib"] = _status_kib()["VmHWM"] / 1024
 
     setattr(module, name, wrapped)
-
-
-def _peak_rss_mib() -> float:
-    # Linux: KiB. RUSAGE_SELF only (see sft_vs_trl.py for why not RUSAGE_CHILDREN).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def worker_main(a: argparse.Namespace) -> None:
@@ -308,107 +311,12 @@ def worker_main(a: argparse.Namespace) -> None:
     if a.worker == "sft":
         res["trainer_train_runtime_s"] = result.metrics.get("train_runtime")
         res["trainer_samples_per_s"] = result.metrics.get("train_samples_per_second")
-    res["peak_rss_mib"] = _peak_rss_mib()
+    res["peak_rss_mib"] = peak_rss_mib()
     res["rss_growth_train_mib"] = res["rss_peak_train_mib"] - res["rss_before_train_mib"]
     print(json.dumps(res), flush=True)
 
 
 # --------------------------------------------------------------------------- parent
-def make_data(src: Path, dst: Path, copies: int) -> int:
-    """Replicate the sample `copies` times with unique decision ids (simtune drops repeats)."""
-    records = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line]
-    n = 0
-    with dst.open("w", encoding="utf-8") as fh:
-        for k in range(copies):
-            for rec in records:
-                fh.write(json.dumps({**rec, "decision_id": f"{rec['decision_id']}-{k}"}) + "\n")
-                n += 1
-    return n
-
-
-def worker_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        HF_DATASETS_CACHE=str(Path(tempfile.gettempdir()) / "simtune-bench-hf-datasets"),
-    )
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("SIMTUNE_HOME", None)
-    return env
-
-
-def run_worker(side: str, model: Path, data: Path, workdir: Path, a: argparse.Namespace) -> dict:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        side,
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--workdir",
-        str(workdir),
-        "--steps",
-        str(a.steps),
-        "--batch",
-        str(a.batch),
-        "--threads",
-        str(a.threads),
-    ]
-    load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        cmd, env=worker_env(a.threads), capture_output=True, text=True, check=False
-    )
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"{side} worker failed with exit code {proc.returncode}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    res = json.loads(lines[-1])
-    res["end_to_end_s"] = wall
-    res["loadavg_1m_before"] = load_before
-    res["loadavg_1m_after"] = os.getloadavg()[0]
-    return res
-
-
-def make_store(path: Path, threads: int) -> None:
-    """An already-migrated MLflow sqlite store, copied into each run's workspace."""
-    code = (
-        "import mlflow, sys; mlflow.MlflowClient('sqlite:///' + sys.argv[1]).search_experiments()"
-    )
-    subprocess.run(
-        [sys.executable, "-c", code, str(path)],
-        env=worker_env(threads),
-        check=True,
-        capture_output=True,
-    )
-
-
-def warm_caches(threads: int) -> None:
-    code = "import torch, transformers, trl, peft, accelerate, datasets, mlflow, simtune.api"
-    subprocess.run([sys.executable, "-c", code], env=worker_env(threads), check=True)
-
-
-def order(sides: list[str], runs: int) -> list[str]:
-    # ABBA generalised: forward order, then reversed, then forward, ...
-    out: list[str] = []
-    for i in range(runs):
-        out += sides if i % 2 == 0 else sides[::-1]
-    return out
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    pkgs = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "mlflow", "simtune")
-    return {p: version(p) for p in pkgs}
 
 
 SCALARS = (
@@ -558,7 +466,16 @@ def parent_main(a: argparse.Namespace) -> None:
             workdir = tmp / f"run-{i}-{side}"
             workdir.mkdir()
             shutil.copyfile(store, workdir / "mlflow.db")
-            res = run_worker(side, model, data, workdir, a)
+            worker_args = ["--model", str(model), "--data", str(data), "--workdir", str(workdir)]
+            worker_args += [
+                "--steps",
+                str(a.steps),
+                "--batch",
+                str(a.batch),
+                "--threads",
+                str(a.threads),
+            ]
+            res = run_worker(__file__, side, a.threads, worker_args)
             results.append(res)
             print(
                 f"[{i + 1}/{len(plan)}] {side:5s} {res['samples_per_s']:6.1f} samples/s  "

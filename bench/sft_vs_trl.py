@@ -40,10 +40,8 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,9 +49,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from harness import (
+    SAMPLE,
+    make_data,
+    make_store,
+    order,
+    peak_rss_mib,
+    run_worker,
+    versions,
+    warm_caches,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-SAMPLE = ROOT / "src" / "simtune" / "data" / "sample_decisions.jsonl"
 SIDES = ("simtune", "trl")
 
 # simtune's defaults (src/simtune/config.py), written out so the baseline does not need
@@ -76,11 +84,6 @@ HP: dict[str, Any] = {
 
 
 # --------------------------------------------------------------------------- workers
-def _peak_rss_mib() -> float:
-    # Linux reports ru_maxrss in KiB. Only RUSAGE_SELF: RUSAGE_CHILDREN is useless here,
-    # because a child forked for `git version` / `uname -p` (MLflow and GitPython do this
-    # at import) inherits the parent's high-water mark and reports it as its own.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _set_threads(n: int) -> None:
@@ -240,7 +243,7 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
 def worker_main(a: argparse.Namespace) -> None:
     fn = worker_simtune if a.worker == "simtune" else worker_trl
     res = fn(a)
-    res["peak_rss_mib"] = _peak_rss_mib()
+    res["peak_rss_mib"] = peak_rss_mib()
     res["tokens_per_s"] = res["num_tokens"] / res["train_runtime_s"]
     res["tokens_per_cpu_s"] = res["num_tokens"] / res["train_cpu_s"]
     # Last stdout line is the result; the trainer prints its own logs before it.
@@ -260,113 +263,6 @@ def check_defaults() -> None:
             )
     if cfg.lora_target_modules != ["all-linear"]:
         raise SystemExit(f"simtune's lora_target_modules is now {cfg.lora_target_modules!r}")
-
-
-def make_data(src: Path, dst: Path, copies: int) -> int:
-    """Replicate the sample file `copies` times with unique decision ids.
-
-    simtune drops records whose decision_id repeats, so each copy gets its own id; the
-    baseline ignores ids, so both sides train on exactly the same rows."""
-    records = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line]
-    n = 0
-    with dst.open("w", encoding="utf-8") as fh:
-        for k in range(copies):
-            for rec in records:
-                fh.write(json.dumps({**rec, "decision_id": f"{rec['decision_id']}-{k}"}) + "\n")
-                n += 1
-    return n
-
-
-def worker_env(threads: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        # Keep the datasets cache out of ~/.cache and the same for both sides.
-        HF_DATASETS_CACHE=str(Path(tempfile.gettempdir()) / "simtune-bench-hf-datasets"),
-    )
-    # An inherited tracking server would make simtune's side measure the network.
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("SIMTUNE_HOME", None)
-    return env
-
-
-def run_worker(side: str, model: Path, data: Path, workdir: Path, a: argparse.Namespace) -> dict:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        side,
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--workdir",
-        str(workdir),
-        "--steps",
-        str(a.steps),
-        "--threads",
-        str(a.threads),
-    ]
-    load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        cmd, env=worker_env(a.threads), capture_output=True, text=True, check=False
-    )
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise SystemExit(f"{side} worker failed with exit code {proc.returncode}")
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    res = json.loads(lines[-1])
-    res["end_to_end_s"] = wall
-    # 1-minute load average around the run: a shared machine's noise shows up here.
-    res["loadavg_1m_before"] = load_before
-    res["loadavg_1m_after"] = os.getloadavg()[0]
-    res["side"] = side
-    return res
-
-
-def make_store(path: Path, threads: int) -> None:
-    """Create an empty MLflow sqlite store (all schema migrations applied) at `path`.
-
-    Creating a store runs MLflow's alembic migrations, which takes seconds; a user pays
-    it once per workspace, not per training job. With --store existing each simtune
-    run gets a copy of this pre-made store, i.e. the steady state of a workspace."""
-    code = (
-        "import mlflow, sys; mlflow.MlflowClient('sqlite:///' + sys.argv[1]).search_experiments()"
-    )
-    subprocess.run(
-        [sys.executable, "-c", code, str(path)],
-        env=worker_env(threads),
-        check=True,
-        capture_output=True,
-    )
-
-
-def warm_caches(threads: int) -> None:
-    """Import everything once so the first measured run doesn't pay for a cold page cache."""
-    code = "import torch, transformers, trl, peft, datasets, mlflow, simtune.api"
-    subprocess.run([sys.executable, "-c", code], env=worker_env(threads), check=True)
-
-
-def order(runs: int) -> list[str]:
-    # ABBA pattern: simtune, trl, trl, simtune, simtune, trl, ...
-    out: list[str] = []
-    for i in range(runs):
-        out += ["simtune", "trl"] if i % 2 == 0 else ["trl", "simtune"]
-    return out
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import version
-
-    pkgs = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "mlflow", "simtune")
-    return {p: version(p) for p in pkgs}
 
 
 def summarise(results: list[dict]) -> dict[str, dict[str, float]]:
@@ -449,14 +345,16 @@ def parent_main(a: argparse.Namespace) -> None:
             make_store(store, a.threads)
 
         results: list[dict] = []
-        for i, side in enumerate(order(a.runs)):
+        for i, side in enumerate(order(list(SIDES), a.runs)):
             # A fresh workspace per run so runs don't see each other's models; with
             # --store existing it starts with an already-migrated MLflow store.
             workdir = tmp / f"run-{i}-{side}"
             workdir.mkdir()
             if side == "simtune" and a.store == "existing":
                 shutil.copyfile(store, workdir / "mlflow.db")
-            res = run_worker(side, model, data, workdir, a)
+            worker_args = ["--model", str(model), "--data", str(data), "--workdir", str(workdir)]
+            worker_args += ["--steps", str(a.steps), "--threads", str(a.threads)]
+            res = run_worker(__file__, side, a.threads, worker_args)
             results.append(res)
             print(
                 f"[{i + 1}/{2 * a.runs}] {side:8s} {res['tokens_per_s']:6,.0f} tok/s "

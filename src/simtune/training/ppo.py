@@ -70,17 +70,10 @@ class PPOSample:
     score: float | None = None
 
 
-def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
-    return list(
-        tokenizer.apply_chat_template(
-            messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
-        )
-    )
-
-
 def build_samples(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig) -> list[PPOSample]:
     """Tokenize prompts (and, offline, logged answers with their normalised scores)."""
     from simtune.training.rewards import normalise_scores
+    from simtune.training.sft import chat_ids, split_prompt_answer
 
     offline = cfg.rollout == "offline"
     budget = cfg.max_length - (0 if offline else cfg.max_new_tokens)
@@ -94,18 +87,13 @@ def build_samples(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig) 
             skipped += 1
             continue
         prompt = d.chat_prompt(cfg.system_prompt)
-        query = _chat_ids(tokenizer, prompt, True)
         response = None
         if offline:
-            full = _chat_ids(
-                tokenizer, prompt + [{"role": "assistant", "content": d.output}], False
-            )
-            cut = next(
-                (i for i, (a, b) in enumerate(zip(query, full, strict=False)) if a != b),
-                min(len(query), len(full)),
-            )
-            query, response = full[:cut], full[cut:][: max(1, cfg.max_length // 2)]
+            query, response = split_prompt_answer(tokenizer, prompt, d.output)
+            response = response[: max(1, cfg.max_length // 2)]
             budget = cfg.max_length - len(response)
+        else:
+            query = chat_ids(tokenizer, prompt, True)
         if len(query) > budget:
             query = query[len(query) - budget :]  # keep the end: simulators put the ask last
         samples.append(PPOSample(d, query, response, score))

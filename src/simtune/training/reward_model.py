@@ -85,21 +85,10 @@ def build_reward_examples(
 
 
 def reward_lora_config(cfg: TuningConfig) -> Any:
-    from peft import LoraConfig
+    from simtune.training.sft import lora_config
 
-    targets: Any = cfg.lora_target_modules
-    if targets == ["all-linear"]:
-        targets = "all-linear"
-    return LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        task_type="SEQ_CLS",
-        # The new one-output head is trained in full and saved with the adapter.
-        modules_to_save=["score"],
-        bias="none",
-    )
+    # The new one-output head is trained in full and saved with the adapter.
+    return lora_config(cfg, "SEQ_CLS", modules_to_save=["score"])
 
 
 def reward_args(cfg: TuningConfig, output_dir: Path) -> Any:

@@ -33,11 +33,27 @@ class Examples:
     num_completion_tokens: int
 
 
-def _ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
     out = tokenizer.apply_chat_template(
         messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
     )
     return list(out)
+
+
+def split_prompt_answer(
+    tokenizer: Any, prompt: list[dict[str, str]], answer: str
+) -> tuple[list[int], list[int]]:
+    """Token ids of chat-template(prompt + assistant answer), split into (prompt, answer)
+    where the prompt rendered alone with a generation prompt diverges (TRL's rule):
+    usually right after the generation prompt."""
+    p_ids = chat_ids(tokenizer, prompt, True)
+    full = chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": answer}], False)
+    cut = 0
+    for a, b in zip(p_ids, full, strict=False):
+        if a != b:
+            break
+        cut += 1
+    return full[:cut], full[cut:]
 
 
 def build_examples(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig) -> Examples:
@@ -47,17 +63,9 @@ def build_examples(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig)
     truncated = 0
     n_tok = n_comp = 0
     for d in decisions:
-        prompt = d.chat_prompt(cfg.system_prompt)
-        completion = [{"role": "assistant", "content": d.target}]
-        p_ids = _ids(tokenizer, prompt, True)
-        full = _ids(tokenizer, prompt + completion, False)
-        # Where prompt and prompt+completion diverge (TRL's rule): usually len(p_ids).
-        cut = 0
-        for a, b in zip(p_ids, full, strict=False):
-            if a != b:
-                break
-            cut += 1
-        prompt_part, answer = full[:cut], full[cut:]
+        prompt_part, answer = split_prompt_answer(
+            tokenizer, d.chat_prompt(cfg.system_prompt), d.target
+        )
         if not answer:
             raise DataError(
                 "the chat template renders no answer tokens", path=d.source, field="output"
@@ -84,7 +92,7 @@ def build_examples(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig)
     return Examples(input_ids, masks, truncated, n_tok, n_comp)
 
 
-def lora_config(cfg: TuningConfig) -> Any:
+def lora_config(cfg: TuningConfig, task_type: str = "CAUSAL_LM", **extra: Any) -> Any:
     from peft import LoraConfig
 
     targets: Any = cfg.lora_target_modules
@@ -95,8 +103,9 @@ def lora_config(cfg: TuningConfig) -> Any:
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
         bias="none",
+        **extra,
     )
 
 
