@@ -143,6 +143,10 @@ def build_parser() -> Parser:
         default=5.0,
         help="epochs over the 48 bundled decisions (default: 5)",
     )
+    from simtune.commands import collect, data, sims
+
+    for group in (collect, data, sims):
+        group.register(sub)
     return p
 
 
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     # is marked KILLED and the staging directory removed, instead of dying mid-write.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args)
     except SimtuneError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

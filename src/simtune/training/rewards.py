@@ -25,9 +25,6 @@ import os
 import re
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from simtune.decisions.schema import Decision
 from simtune.errors import ConfigError, SimtuneError
+from simtune.llm_client import ChatClient, LLMError, check_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -517,75 +515,10 @@ def parse_judge_score(text: str) -> int | None:
     return int(lone.group(1)) if lone else None
 
 
-def _judge_base(url: str) -> str:
-    base = (url or "").strip().rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", base):
-        raise ConfigError(
-            f"--judge_url: expected an http(s) base URL such as http://127.0.0.1:8000/v1, got {url!r}"
-        )
-    for suffix in ("/chat/completions", "/models"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-    return base
-
-
-def _request(
-    url: str, payload: dict[str, Any] | None, api_key: str | None, timeout: float
-) -> dict[str, Any]:
-    headers = {"Accept": "application/json"}
-    data = None
-    if payload is not None:
-        data = json.dumps(payload).encode()
-        headers["Content-Type"] = "application/json"
-    if api_key:
-        headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(url, data=data, headers=headers)
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        body = resp.read()
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"not JSON: {body[:200]!r}") from None
-
-
-def _transient(exc: BaseException) -> bool:
-    """Worth retrying: no connection, a timeout, a 5xx or a 429."""
-    if isinstance(exc, urllib.error.HTTPError):
-        return exc.code >= 500 or exc.code == 429
-    return isinstance(exc, (urllib.error.URLError, TimeoutError, ConnectionError, OSError))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, urllib.error.HTTPError):
-        return f"HTTP {exc.code} {exc.reason}"
-    if isinstance(exc, urllib.error.URLError):
-        return str(exc.reason)
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
 def check_judge(url: str, timeout: float = 10.0, api_key: str | None = None) -> None:
     """One `GET {url}/models` before training; raises SimtuneError naming --judge_url when
     the judge cannot be reached (no connection, timeout, 5xx) or rejects the key."""
-    base = _judge_base(url)
-    try:
-        _request(f"{base}/models", None, api_key, timeout)
-    except urllib.error.HTTPError as exc:
-        if exc.code in (401, 403):
-            raise SimtuneError(
-                f"--judge_url: judge at {base} refused the request ({_describe(exc)}); "
-                "check the API key"
-            ) from None
-        if exc.code >= 500:
-            raise SimtuneError(
-                f"--judge_url: cannot reach judge at {base} ({_describe(exc)})"
-            ) from None
-        # 404 etc.: the server answers; not every server lists its models.
-    except ValueError:
-        pass  # it answered, just not with JSON
-    except OSError as exc:
-        raise SimtuneError(
-            f"--judge_url: cannot reach judge at {base} ({_describe(exc)})"
-        ) from None
+    check_endpoint(url, "--judge_url", timeout=timeout, api_key=api_key, label="judge")
 
 
 class JudgeReward:
@@ -610,24 +543,25 @@ class JudgeReward:
         max_tokens: int = 256,
         temperature: float = 0.0,
     ) -> None:
-        self.base = _judge_base(url)
         if not model or not str(model).strip():
             raise ConfigError("--judge_model: the judge's model name is required")
-        self.model = model
+        self.client = ChatClient(
+            url,
+            model,
+            api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff=backoff,
+            what="--judge_url",
+            label="judge",
+        )
+        self.base, self.model = self.client.base, model
         self.name = f"judge:{model}@{self.base}"
-        self.api_key = api_key
-        self.timeout = float(timeout)
-        self.max_retries = max(0, int(max_retries))
-        self.backoff = float(backoff)
         self.max_workers = max(1, int(max_workers))
         self.max_tokens = int(max_tokens)
         self.temperature = float(temperature)
         self._lock = threading.Lock()
-        self._counts = {"calls": 0, "retries": 0, "unparsable": 0, "failures": 0}
-
-    def _count(self, key: str) -> None:
-        with self._lock:
-            self._counts[key] += 1
+        self._unparsable = 0
 
     def messages(self, prompt: Messages | str, completion: str) -> Messages:
         text = (
@@ -641,60 +575,20 @@ class JudgeReward:
         ]
 
     def _ask(self, messages: Messages) -> str:
-        payload = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
-        url = f"{self.base}/chat/completions"
-        for attempt in range(self.max_retries + 1):
-            try:
-                answer = _request(url, payload, self.api_key, self.timeout)
-            except urllib.error.HTTPError as exc:
-                if not _transient(exc):
-                    detail = exc.read()[:300].decode(errors="replace").strip()
-                    self._count("failures")
-                    raise RewardError(
-                        f"--judge_url: judge at {self.base} refused the request "
-                        f"({_describe(exc)}{': ' + detail if detail else ''})"
-                    ) from None
-                error: BaseException = exc
-            except ValueError as exc:
-                self._count("failures")
-                raise RewardError(
-                    f"--judge_url: {url} did not answer with an OpenAI chat completion ({exc})"
-                ) from None
-            except OSError as exc:
-                error = exc
-            else:
-                self._count("calls")
-                try:
-                    content = answer["choices"][0]["message"]["content"]
-                except (KeyError, IndexError, TypeError):
-                    raise RewardError(
-                        f"--judge_url: {url} did not answer with an OpenAI chat completion "
-                        f"(got {json.dumps(answer)[:200]})"
-                    ) from None
-                return content if isinstance(content, str) else ""
-            self._count("failures")
-            if attempt == self.max_retries:
-                raise RewardError(
-                    f"--judge_url: cannot reach judge at {self.base} ({_describe(error)}; "
-                    f"{self.max_retries + 1} attempts)"
-                )
-            self._count("retries")
-            delay = self.backoff * 2**attempt
-            log.warning("judge at %s: %s; retrying in %.1fs", self.base, _describe(error), delay)
-            time.sleep(delay)
-        raise AssertionError("unreachable")
+        try:
+            return self.client.chat(
+                messages, temperature=self.temperature, max_tokens=self.max_tokens
+            )
+        except LLMError as exc:
+            raise RewardError(str(exc)) from None
 
     def _score_one(self, item: tuple[int, Messages | str, str]) -> float:
         i, prompt, completion = item
         text = self._ask(self.messages(prompt, completion))
         value = parse_judge_score(text)
         if value is None:
-            self._count("unparsable")
+            with self._lock:
+                self._unparsable += 1
             log.warning(
                 "judge answer for sample %d has no score 1-5 (scored 0.0): %r", i, text[:200]
             )
@@ -712,8 +606,15 @@ class JudgeReward:
             return list(pool.map(self._score_one, items))
 
     def stats(self) -> dict[str, float]:
+        counts = self.client.stats()
         with self._lock:
-            return {k: float(v) for k, v in self._counts.items()}
+            unparsable = float(self._unparsable)
+        return {
+            "calls": counts["calls"],
+            "retries": counts["retries"],
+            "unparsable": unparsable,
+            "failures": counts["failures"],
+        }
 
 
 # --- from the job config -----------------------------------------------------------------
