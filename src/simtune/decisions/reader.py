@@ -2,7 +2,9 @@
 
 Formats (detected from content, not the extension):
 - JSONL: one object per line; blank lines are skipped. Lines with an ``"event"`` key
-  are late-arriving scores folded into their decision (see `fold_events`).
+  are late-arriving scores folded into their decision (see `fold_events`). An
+  unparsable *last* line with no newline after it is a write cut short (a killed
+  writer, or a file still being written) and is skipped with a warning naming it.
 - JSON list: ``[{...}, {...}]`` (the seed simulator's ``decisions_<ts>.json`` export);
   line numbers in errors point at the start of the offending element.
 
@@ -154,12 +156,24 @@ def _read_file(path: Path) -> tuple[DatasetFile, Iterator[tuple[int, Any]]]:
 
 def _jsonl(text: str, path: str) -> Iterator[tuple[int, Any]]:
     # split("\n"), not splitlines(): JSON strings may hold raw U+2028, U+0085 and the like.
-    for lineno, line in enumerate(text.split("\n"), start=1):
+    lines = text.split("\n")
+    # Writers end every line with "\n" in one write, so an unparsable last line without
+    # one is a write cut short (a crash, or a file still being written): skip it, loudly.
+    torn = len(lines) if lines[-1].strip() else 0
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
+            if lineno == torn:
+                log.warning(
+                    "%s:%d: skipped a torn last line (no newline at the end: its write was "
+                    "cut short)",
+                    path,
+                    lineno,
+                )
+                return
             raise DataError(
                 f"invalid JSON ({exc.msg}, column {exc.colno})", path=path, line=lineno
             ) from None
