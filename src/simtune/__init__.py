@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["TuningConfig", "TuningResult", "run_tuning", "__version__"]
+__all__ = ["Recorder", "TuningConfig", "TuningResult", "run_tuning", "__version__"]
 
 if TYPE_CHECKING:
     from simtune.api import TuningResult, run_tuning
     from simtune.config import TuningConfig
+    from simtune.decisions.recorder import Recorder
 
 
 def __getattr__(name: str) -> Any:
@@ -21,6 +22,10 @@ def __getattr__(name: str) -> Any:
         from simtune import api
 
         return getattr(api, name)
+    if name == "Recorder":
+        from simtune.decisions.recorder import Recorder
+
+        return Recorder
     if name == "TuningConfig":
         from simtune.config import TuningConfig
 

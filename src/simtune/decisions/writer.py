@@ -23,7 +23,7 @@ import json
 import os
 import secrets
 import threading
-import uuid
+import time
 from collections.abc import Hashable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,12 +36,83 @@ FSYNC_POLICIES = ("none", "always", "close")
 CREDIT_RULES = ("uniform", "last", "discounted")
 
 
+# Bumped in a forked child, so logs and recorders inherited through fork() notice
+# (one integer compare per record, where os.getpid() would be a system call).
+_fork_generation = 0
+_fork_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation, _fork_lock
+    _fork_generation += 1
+    _fork_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def fork_generation() -> int:
+    """How many fork()s lie between the interpreter's start and this process."""
+    return _fork_generation
+
+
 def new_decision_id() -> str:
-    return uuid.uuid4().hex
+    """A random uuid4 as 32 hex digits (a third of the cost of ``uuid.uuid4().hex``)."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40  # version 4
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return b.hex()
+
+
+_stamp_cache: tuple[int, str] = (-1, "")
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    """ISO-8601 UTC with microseconds, e.g. ``2026-11-28T04:48:07.123456+00:00``.
+
+    Formatting the date once per second makes this several times cheaper than
+    ``datetime.now(timezone.utc).isoformat()`` (it runs once per record).
+    """
+    global _stamp_cache
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    cached = _stamp_cache  # one read: another thread may swap the tuple meanwhile
+    if cached[0] != seconds:
+        cached = (seconds, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)))
+        _stamp_cache = cached
+    return f"{cached[1]}.{nanos // 1000:06d}+00:00"
+
+
+# Built once: json.dumps builds a JSONEncoder, and JSONEncoder.encode a C encoder, on
+# every call (a few microseconds, as much as encoding a typical record). The
+# circular-reference check is off because the C encoder's recursion limit catches a
+# cycle anyway (as RecursionError, turned into ValueError by `encode_json`).
+_encoder = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), default=str, check_circular=False
+)
+try:
+    from json.encoder import c_make_encoder, encode_basestring
+
+    # The arguments JSONEncoder.iterencode passes for the options above (CPython 3.10-3.13).
+    _c_encode = c_make_encoder(None, str, encode_basestring, None, ":", ",", False, False, True)
+except (ImportError, TypeError):  # no C accelerator (or another signature): the slow path
+    _c_encode = None
+
+
+def encode_json(value: Any) -> str:
+    """Compact JSON text of `value`, non-ASCII kept as is. Objects JSON doesn't know are
+    written as ``str(obj)``; a self-referencing structure raises ValueError."""
+    try:
+        if _c_encode is not None:
+            return "".join(_c_encode(value, 0))
+        return _encoder.encode(value)
+    except RecursionError:
+        raise ValueError("cannot write as JSON: nested too deeply or refers to itself") from None
+
+
+def encode_line(obj: dict[str, Any]) -> bytes:
+    """One JSON line as UTF-8 bytes, newline included (see `encode_json`)."""
+    return (encode_json(obj) + "\n").encode()
 
 
 def datasets_dir(workspace: str | os.PathLike[str], env_name: str) -> Path:
@@ -102,7 +173,8 @@ class Episodes:
 class DecisionLog:
     """One append-only JSONL file. Thread-safe; opened lazily on the first append (a
     recorder that records nothing leaves no empty file behind); a forked child opens
-    its own file instead of sharing its parent's."""
+    its own file instead of sharing its parent's (and gets a fresh lock, in case another
+    thread of the parent held it at the fork)."""
 
     def __init__(self, directory: str | os.PathLike[str], fsync: str = "none") -> None:
         if fsync not in FSYNC_POLICIES:
@@ -111,7 +183,7 @@ class DecisionLog:
         self.fsync = fsync
         self.path: Path | None = None
         self._fd: int | None = None
-        self._pid = 0
+        self._generation = _fork_generation
         self._lock = threading.Lock()
         self.lines = 0
 
@@ -120,19 +192,35 @@ class DecisionLog:
         path = self.directory / new_log_name()
         # O_EXCL: never append to somebody else's file, even on a name collision.
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        self.path, self._pid = path, os.getpid()
+        self.path = path
         return self._fd
+
+    def _forked(self) -> None:
+        """In a forked child: drop the parent's file (the child writes its own)."""
+        with _fork_lock:
+            if self._generation == _fork_generation:
+                return  # another thread of the child got here first
+            self._lock = threading.Lock()
+            if self._fd is not None:
+                os.close(self._fd)  # the child's copy of the descriptor only
+            self._fd, self.path, self.lines = None, None, 0
+            self._generation = _fork_generation
 
     def append(self, obj: dict[str, Any]) -> None:
         """Write one JSON line with a single write(2) (see the module docstring)."""
-        data = (
-            json.dumps(obj, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
-        ).encode()
+        self.append_line(encode_line(obj))
+
+    def append_line(self, data: bytes) -> None:
+        """Write `data`, one complete line ending in a newline, with a single write(2)."""
+        if self._generation != _fork_generation:
+            self._forked()
         with self._lock:
-            fd = self._fd if self._fd is not None and self._pid == os.getpid() else self._open()
-            view = memoryview(data)
-            while view:  # a regular file takes it whole; loop only for ENOSPC-like short writes
-                view = view[os.write(fd, view) :]
+            fd = self._fd if self._fd is not None else self._open()
+            n = os.write(fd, data)
+            if n != len(data):  # a regular file takes it whole; short only when the disk fills
+                view = memoryview(data)[n:]
+                while view:
+                    view = view[os.write(fd, view) :]
             if self.fsync == "always":
                 os.fsync(fd)
             self.lines += 1
@@ -142,8 +230,10 @@ class DecisionLog:
             self.append(obj)
 
     def close(self) -> None:
+        if self._generation != _fork_generation:
+            self._forked()
         with self._lock:
-            if self._fd is not None and self._pid == os.getpid():
+            if self._fd is not None:
                 if self.fsync in ("always", "close"):
                     os.fsync(self._fd)
                 os.close(self._fd)
