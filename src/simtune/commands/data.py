@@ -1,15 +1,555 @@
-"""`simtune data ...` (placeholder; filled in by its owner)."""
+"""`simtune data ...`: look at, check, rate, export and split decision datasets.
+
+Every action reads dataset paths (files or folders, like ``--dataset_path``) and/or
+``--env NAME`` (= ``<workspace>/envs/NAME/datasets``). None of them rewrites what was
+collected: ``rate`` appends event lines to a new log file, ``export`` and ``split``
+write new files atomically. Bad input prints one line naming file:line and field and
+exits 2 (``validate`` prints every problem instead of the first).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from pathlib import Path
 from typing import Any
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DESCRIPTION = """Look at, check, rate, export and split decision datasets.
+
+Dataset paths are files or folders (folders are searched for decisions_*.json and
+decisions_*.jsonl); --env NAME adds <workspace>/envs/NAME/datasets. Collected files are
+never rewritten: `rate` appends rating events to a new log file in the dataset folder,
+`export` and `split` write new files atomically."""
+
+
+def _flag(*names: str) -> list[str]:
+    """`--held-out` also answers to `--held_out`, like the rest of the CLI."""
+    out: list[str] = []
+    for name in names:
+        out.append(name)
+        if name.startswith("--") and "-" in name[2:]:
+            out.append("--" + name[2:].replace("-", "_"))
+    return out
+
+
+def _add_inputs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("input")
+    g.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="dataset files or folders (decisions_*.json[l] inside folders, recursively)",
+    )
+    g.add_argument("--env", metavar="NAME", help="add <workspace>/envs/NAME/datasets")
+    g.add_argument(
+        "--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)"
+    )
+
+
+def _add_filters(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filters (as in `simtune train`)")
+    g.add_argument(
+        *_flag("--min-rating"), dest="min_rating", type=float, help="keep ratings >= this"
+    )
+    g.add_argument(
+        *_flag("--min-reward"), dest="min_reward", type=float, help="keep rewards >= this"
+    )
+    g.add_argument(
+        *_flag("--agent-types"),
+        dest="agent_types",
+        nargs="+",
+        metavar="TYPE",
+        help="keep only these agent types",
+    )
+    g.add_argument(
+        *_flag("--max-samples"),
+        dest="max_samples",
+        type=int,
+        help="keep at most this many (the first ones, in file order)",
+    )
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("data", help="(not yet implemented)")
-    p.set_defaults(handler=run)
+    p = sub.add_parser(
+        "data",
+        help="stats, validate, rate (LLM judge), export and split decision datasets",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    s = actions.add_parser(
+        "stats",
+        help="records per env and agent type: score coverage, means, lengths",
+        description="Counts per env and agent type: records, how many carry a reward, a "
+        "rating and an improved answer (feedback), mean reward and rating, mean prompt and "
+        "output length in characters; events, orphan events and repeated ids in all.",
+    )
+    _add_inputs(s)
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(handler=run_stats)
+
+    v = actions.add_parser(
+        "validate",
+        help="list every problem as file:line: field: message",
+        description="Read everything and print every problem, one per line, as "
+        "`file:line: field 'x': message`: errors (unreadable lines and records) and "
+        "warnings (events naming unknown decisions, repeated decision ids, a torn last "
+        "line). A JSON-list file is checked up to its first structural error. Exit code: "
+        "2 if there is any error, 0 otherwise (warnings alone pass).",
+    )
+    _add_inputs(v)
+    v.add_argument("--json", action="store_true", help="print problems and counts as JSON")
+    v.set_defaults(handler=run_validate)
+
+    r = actions.add_parser(
+        "rate",
+        help="rate unrated decisions with an LLM judge (verify -> analyze -> refine)",
+        description="Rate decisions with an LLM judge behind any OpenAI-compatible endpoint. "
+        "verify: a score 1-5 with a reason; analyze: below --threshold the judge explains "
+        "what is wrong (-> reason); refine: it writes an improved answer in the same format "
+        "(-> feedback). One rating event (source llm) per decision is appended to a new "
+        "decisions_<ts>_*.jsonl in the dataset folder as soon as it is done. Resumable: "
+        "decisions that already have a rating are skipped, so rerunning after Ctrl-C, "
+        "failures or unparsable answers rates only the rest. Human ratings are never "
+        "overwritten, and human-rated decisions are never sent. Exit code: 0 when every "
+        "selected decision was rated, 1 when some failed or were unparsable (rerun to "
+        "retry them), 2 for bad input or an unreachable judge, 130 when interrupted.",
+    )
+    _add_inputs(r)
+    j = r.add_argument_group("judge")
+    j.add_argument(
+        *_flag("--judge-url"),
+        dest="judge_url",
+        required=True,
+        metavar="URL",
+        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1",
+    )
+    j.add_argument(
+        *_flag("--judge-model"),
+        dest="judge_model",
+        required=True,
+        metavar="NAME",
+        help="model name to ask",
+    )
+    j.add_argument(
+        *_flag("--api-key"),
+        dest="api_key",
+        help="API key (default: $SIMTUNE_JUDGE_API_KEY, else $OPENAI_API_KEY)",
+    )
+    j.add_argument(
+        "--threshold",
+        type=float,
+        default=4,
+        help="scores below this get a reason and an improved answer (default: 4)",
+    )
+    j.add_argument(
+        "--concurrency", type=int, default=4, help="requests in flight at once (default: 4)"
+    )
+    j.add_argument(
+        *_flag("--max-retries"),
+        dest="max_retries",
+        type=int,
+        default=3,
+        help="retries per request on 429, 5xx, timeouts and lost connections (default: 3)",
+    )
+    j.add_argument(
+        "--backoff",
+        type=float,
+        default=1.0,
+        help="first retry delay in seconds, doubled each retry; a Retry-After wins (default: 1)",
+    )
+    j.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
+    j.add_argument(
+        *_flag("--max-tokens"),
+        dest="max_tokens",
+        type=int,
+        default=1024,
+        help="max tokens per judge answer (default: 1024)",
+    )
+    w = r.add_argument_group("what to rate")
+    w.add_argument(
+        "--rerate",
+        action="store_true",
+        help="also re-rate decisions the judge rated before (never human-rated ones)",
+    )
+    w.add_argument("--limit", type=int, help="rate at most this many decisions in this run")
+    w.add_argument(
+        *_flag("--agent-types"),
+        dest="agent_types",
+        nargs="+",
+        metavar="TYPE",
+        help="rate only these agent types",
+    )
+    w.add_argument(
+        "--out",
+        metavar="DIR",
+        help="folder for the new rating log (default: the first dataset folder, or the "
+        "folder of the first dataset file)",
+    )
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.set_defaults(handler=run_rate)
+
+    e = actions.add_parser(
+        "export",
+        help="merge files and events into one JSON list (seed format) or JSONL",
+        description="Merge dataset files and their events into one file of folded records. "
+        "--format seed: one JSON list in the seed simulator's export format (trail_id, "
+        "human_rating / llm_rating by the rating's source, refined_output, "
+        "low_quality_reason, ...); --format jsonl: one DESIGN.md record per line. Both are "
+        "read back by simtune as the same decisions. The file is written atomically and "
+        "an existing one is only replaced with --force.",
+    )
+    _add_inputs(e)
+    e.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write")
+    e.add_argument(
+        "--format",
+        choices=("seed", "jsonl"),
+        help="output format (default: seed when FILE ends in .json, else jsonl)",
+    )
+    e.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    _add_filters(e)
+    e.set_defaults(handler=run_export)
+
+    t = actions.add_parser(
+        "split",
+        help="deterministic train / held-out split by run or agent",
+        description="Split folded records into DIR/train.jsonl and DIR/heldout.jsonl, "
+        "keeping whole runs (--by run) or agents (--by agent) on one side. A group's side "
+        "is fixed by hashing --seed, its env and its id, so reruns agree and adding data "
+        "never moves an existing group; --held-out is the chance of each group landing "
+        "there, not an exact share. An empty side is an error.",
+    )
+    _add_inputs(t)
+    t.add_argument("--out", required=True, metavar="DIR", help="folder for the two files")
+    t.add_argument(
+        "--by", choices=("run", "agent"), default="run", help="what stays together (default: run)"
+    )
+    t.add_argument(
+        *_flag("--held-out"),
+        dest="held_out",
+        type=float,
+        default=0.2,
+        help="fraction of groups held out (default: 0.2)",
+    )
+    t.add_argument("--seed", type=int, default=0, help="hash seed (default: 0)")
+    t.add_argument("--force", action="store_true", help="replace existing files in DIR")
+    _add_filters(t)
+    t.set_defaults(handler=run_split)
 
 
-def run(args: argparse.Namespace) -> int:
-    raise SystemExit("simtune data: not implemented yet")
+# --- shared ----------------------------------------------------------------------------------
+
+
+def dataset_paths(args: argparse.Namespace) -> list[str]:
+    """The positional paths plus --env's datasets folder."""
+    from simtune.errors import ConfigError
+
+    paths = list(args.paths)
+    if args.env:
+        from simtune.decisions.writer import datasets_dir
+
+        ws = args.workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()
+        paths.append(str(datasets_dir(ws, args.env)))
+    if not paths:
+        raise ConfigError("give dataset paths (files or folders) or --env NAME")
+    return paths
+
+
+def _filtered(args: argparse.Namespace, decisions: list[Any]) -> Any:
+    from simtune.decisions.reader import select
+    from simtune.errors import ConfigError
+
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ConfigError(f"--max-samples: expected at least 1, got {args.max_samples}")
+    return select(
+        decisions,
+        min_rating=args.min_rating,
+        min_reward=args.min_reward,
+        agent_types=args.agent_types,
+        max_samples=args.max_samples,
+    )
+
+
+def _dropped(dropped: dict[str, int]) -> str:
+    parts = [f"{n} by --{k.replace('_', '-')}" for k, n in dropped.items() if n]
+    return f" (dropped {', '.join(parts)})" if parts else ""
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+# --- stats -----------------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from simtune.decisions.curate import dataset_stats
+    from simtune.decisions.reader import read_dataset
+
+    stats = dataset_stats(read_dataset(dataset_paths(args)))
+    if args.json:
+        _write(json.dumps(stats, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="decisions by env and agent type")
+    for name in ("env", "agent type"):
+        table.add_column(name)
+    for name in (
+        "records",
+        "reward",
+        "rating",
+        "feedback",
+        "mean reward",
+        "mean rating",
+        "prompt chars",
+        "output chars",
+    ):
+        table.add_column(name, justify="right")
+
+    def row(label: tuple[str, str], g: dict[str, Any], **style: Any) -> None:
+        table.add_row(
+            *label,
+            str(g["records"]),
+            f"{g['with_reward']} ({g['reward_pct']:.0f}%)",
+            f"{g['with_rating']} ({g['rating_pct']:.0f}%)",
+            f"{g['with_feedback']} ({g['feedback_pct']:.0f}%)",
+            _num(g["mean_reward"]),
+            _num(g["mean_rating"]),
+            _num(g["mean_prompt_chars"], 0),
+            _num(g["mean_output_chars"], 0),
+            **style,
+        )
+
+    for g in stats["groups"]:
+        row((g["env_name"] or "-", g["agent_type"] or "-"), g)
+    if len(stats["groups"]) > 1:
+        table.add_section()
+        row(("all", ""), stats["total"], style="bold")
+    # Piped output gets room for all columns instead of rich's 80-column default.
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    console.print(table)
+    t = stats["total"]
+    console.print(
+        f"{stats['files']} file(s), {stats['runs']} run(s), {stats['agents']} agent(s); "
+        f"ratings by human {t['rated_by_human']}, by LLM {t['rated_by_llm']}; "
+        f"{stats['events']} event(s), {stats['orphan_events']} orphan event(s), "
+        f"{stats['duplicate_ids']} repeated id(s)",
+        highlight=False,
+    )
+    return 0
+
+
+# --- validate --------------------------------------------------------------------------------
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from simtune.decisions.reader import validate_dataset
+
+    dataset, problems = validate_dataset(dataset_paths(args))
+    errors = [p for p in problems if p.severity == "error"]
+    warnings = [p for p in problems if p.severity != "error"]
+    summary = {
+        "errors": len(errors),
+        "warnings": len(warnings),
+        "files": len(dataset.files),
+        "records": sum(f.records for f in dataset.files),
+        "events": sum(f.events for f in dataset.files),
+        "decisions": len(dataset.decisions),
+    }
+    if args.json:
+        _write(
+            json.dumps(
+                {
+                    **summary,
+                    "problems": [
+                        {
+                            "severity": p.severity,
+                            "path": p.path,
+                            "line": p.line,
+                            "field": p.field,
+                            "message": p.text,
+                        }
+                        for p in problems
+                    ],
+                },
+                indent=2,
+            )
+        )
+    else:
+        for p in problems:
+            _write(p.text if p.severity == "error" else f"{p.text} (warning)")
+        verdict = "FAILED" if errors else "ok"
+        _write(
+            f"{verdict}: {len(errors)} error(s), {len(warnings)} warning(s); read "
+            f"{summary['records']} record(s) and {summary['events']} event(s) from "
+            f"{summary['files']} file(s)"
+        )
+    return EXIT_USAGE if errors else 0
+
+
+# --- rate ------------------------------------------------------------------------------------
+
+
+def run_rate(args: argparse.Namespace) -> int:
+    from simtune.decisions.judge import RateInterrupted, rate_decisions
+
+    progress = None
+    task: Any = None
+    if sys.stderr.isatty() and not args.json:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        progress = Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+
+    def on_start(n: int) -> None:
+        nonlocal task
+        if progress is not None:
+            progress.start()
+            task = progress.add_task("rating", total=n)
+
+    def on_done(outcome: str) -> None:
+        if progress is not None and task is not None:
+            progress.advance(task)
+
+    try:
+        report = rate_decisions(
+            dataset_paths(args),
+            args.judge_url,
+            args.judge_model,
+            api_key=args.api_key,
+            threshold=args.threshold,
+            concurrency=args.concurrency,
+            max_retries=args.max_retries,
+            backoff=args.backoff,
+            timeout=args.timeout,
+            rerate=args.rerate,
+            out_dir=args.out,
+            limit=args.limit,
+            agent_types=args.agent_types,
+            max_tokens=args.max_tokens,
+            on_start=on_start,
+            on_done=on_done,
+        )
+    except RateInterrupted as exc:
+        report = exc.report
+    finally:
+        if progress is not None:
+            progress.stop()
+    _print_rate(report, args.json)
+    if report.interrupted:
+        return EXIT_INTERRUPTED
+    return 0 if report.complete else EXIT_FAILED
+
+
+def _print_rate(report: Any, as_json: bool) -> None:
+    if as_json:
+        _write(json.dumps(report.to_dict(), indent=2))
+        return
+    mean = report.mean_score
+    lines = [
+        f"rated {report.rated} of {report.selected} selected decision(s) with "
+        f"{report.judge_model}"
+        + (
+            f" (mean score {mean:.2f}, {report.refined} below threshold refined)"
+            if mean is not None
+            else ""
+        ),
+        f"skipped {report.skipped_rated + report.skipped_human} already rated "
+        f"({report.skipped_human} by a human); unparsable {report.unparsable}; "
+        f"failed {report.failed}; requests {report.calls}, retries {report.retries}",
+    ]
+    if report.events_path:
+        lines.append(f"rating events: {report.events_path}")
+    for error in report.errors:
+        lines.append(f"  failed: {error}")
+    if report.aborted:
+        lines.append(f"stopped: {report.aborted}")
+    if report.interrupted:
+        lines.append(f"interrupted: {report.not_done} decision(s) not rated")
+    todo = report.selected - report.rated
+    if todo:
+        lines.append(f"rerun the same command to rate the remaining {todo}")
+    _write("\n".join(lines))
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from simtune.decisions.curate import write_export
+    from simtune.decisions.reader import read_dataset
+    from simtune.errors import DataError
+
+    fmt = args.format or ("seed" if args.output.endswith(".json") else "jsonl")
+    dataset = read_dataset(dataset_paths(args))
+    selection = _filtered(args, dataset.decisions)
+    if not selection.decisions:
+        raise DataError(
+            f"nothing to export: the filters left none of {len(dataset.decisions)} "
+            f"decision(s){_dropped(selection.dropped)}"
+        )
+    path = write_export(Path(args.output), selection.decisions, fmt, force=args.force)
+    _write(
+        f"exported {len(selection.decisions)} of {len(dataset.decisions)} decision(s) "
+        f"({fmt}) to {path}{_dropped(selection.dropped)}"
+    )
+    return 0
+
+
+# --- split -----------------------------------------------------------------------------------
+
+
+def run_split(args: argparse.Namespace) -> int:
+    from simtune.decisions.curate import (
+        check_split,
+        export_records,
+        render,
+        split_decisions,
+        write_atomic,
+    )
+    from simtune.decisions.reader import read_dataset
+
+    check_split(args.by, args.held_out)  # before reading: a bad flag needs no data
+    dataset = read_dataset(dataset_paths(args))
+    selection = _filtered(args, dataset.decisions)
+    split = split_decisions(selection.decisions, by=args.by, held_out=args.held_out, seed=args.seed)
+    out = Path(args.out)
+    files = {
+        out / "train.jsonl": render(export_records(split.train), "jsonl"),
+        out / "heldout.jsonl": render(export_records(split.heldout), "jsonl"),
+    }
+    write_atomic(files, force=args.force, flag="--out")
+    n = len(selection.decisions)
+    _write(
+        f"train: {len(split.train)} decision(s) from {split.train_groups} {args.by}(s) "
+        f"-> {out / 'train.jsonl'}\n"
+        f"held-out: {len(split.heldout)} decision(s) from {split.heldout_groups} {args.by}(s) "
+        f"({100 * len(split.heldout) / n:.0f}%) -> {out / 'heldout.jsonl'}"
+        + _dropped(selection.dropped)
+        + (
+            f"\n{split.keyless} decision(s) without a {args.by} id were grouped by file"
+            if split.keyless
+            else ""
+        )
+    )
+    return 0

@@ -1,6 +1,54 @@
-"""The data side: decision records, readers (and later the recorder, proxy, curation)."""
+"""The data side: decision records, readers, curation (stats, export, split, LLM judge).
 
-from simtune.decisions.reader import Dataset, describe, read_dataset, select
+Curation and the judge load on first use, so importing the recorder stays cheap."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from simtune.decisions.reader import (
+    Dataset,
+    Problem,
+    describe,
+    read_dataset,
+    select,
+    validate_dataset,
+)
 from simtune.decisions.schema import Decision
 
-__all__ = ["Dataset", "Decision", "describe", "read_dataset", "select"]
+_LAZY = {
+    "Split": "curate",
+    "dataset_stats": "curate",
+    "export_records": "curate",
+    "split_decisions": "curate",
+    "write_export": "curate",
+    "RateInterrupted": "judge",
+    "RateReport": "judge",
+    "rate_decisions": "judge",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"simtune.decisions.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "Dataset",
+    "Decision",
+    "Problem",
+    "RateInterrupted",
+    "RateReport",
+    "Split",
+    "dataset_stats",
+    "describe",
+    "export_records",
+    "rate_decisions",
+    "read_dataset",
+    "select",
+    "split_decisions",
+    "validate_dataset",
+    "write_export",
+]

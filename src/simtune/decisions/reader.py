@@ -17,10 +17,19 @@ Event folding rule: ``reward`` events *add* to the decision's reward (an immedia
 reward plus an episode share both count); ``rating`` and ``feedback`` events
 *replace* (the newest wins), except that an ``llm`` rating never replaces a ``human``
 one. Events whose decision is not in the loaded files are counted as orphans.
+
+Two modes: `read_dataset(paths)` raises a `DataError` on the first problem (training
+must not start on bad data). `read_dataset(paths, problems=[])` (or `validate_dataset`)
+collects *every* problem as a `Problem` instead, skipping what is bad and keeping the
+rest: one error per bad line or record (the first wrong field of a record), a JSON
+list is checked up to its first structural error only (the rest cannot be located
+reliably), and orphan events, repeated decision ids and torn last lines are reported
+as warnings naming their file:line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -52,6 +61,52 @@ _CONSUMED = {
     "llm_reason",
     "event",
 } | set(ALIASES)
+# Top-level keys the reader interprets itself; any other key is kept in `metadata`.
+RESERVED_KEYS = frozenset(DECISION_FIELDS) | frozenset(_CONSUMED)
+
+
+@dataclass
+class Problem:
+    """One problem found by a collecting read; `text` is ``file:line: field 'x': message``."""
+
+    text: str
+    path: str | None = None
+    line: int | None = None
+    field: str | None = None
+    severity: str = "error"  # or "warning": reported, but the data is still usable
+
+    @classmethod
+    def of(cls, exc: DataError, severity: str = "error") -> Problem:
+        return cls(str(exc), exc.path, exc.line, exc.field, severity)
+
+    @classmethod
+    def warning(
+        cls, message: str, path: str | None, line: int | None = None, field: str | None = None
+    ) -> Problem:
+        return cls.of(DataError(message, path=path, line=line, field=field), "warning")
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class _Sink:
+    """Where problems go: raised at once (strict reads) or collected (`problems=[...]`)."""
+
+    def __init__(self, out: list[Problem] | None) -> None:
+        self.out = out
+
+    @property
+    def collecting(self) -> bool:
+        return self.out is not None
+
+    def error(self, exc: DataError) -> None:
+        if self.out is None:
+            raise exc
+        self.out.append(Problem.of(exc))
+
+    def warn(self, problem: Problem) -> None:
+        if self.out is not None:
+            self.out.append(problem)
 
 
 @dataclass
@@ -83,17 +138,27 @@ class Dataset:
 
 def discover(paths: Iterable[str]) -> list[Path]:
     """Expand files and directories into an ordered, de-duplicated list of files."""
+    return _discover(paths, _Sink(None))
+
+
+def _discover(paths: Iterable[str], sink: _Sink) -> list[Path]:
     out: list[Path] = []
     seen: set[Path] = set()
+    given = 0
     for raw in paths:
+        given += 1
         p = Path(raw).expanduser()
         if not p.exists():
-            raise DataError("no such file or directory", path=str(raw))
+            sink.error(DataError("no such file or directory", path=str(raw)))
+            continue
         if p.is_dir():
             found = sorted({f for pat in DIR_PATTERNS for f in p.rglob(pat) if f.is_file()})
             if not found:
-                raise DataError(
-                    "directory holds no decisions_*.json or decisions_*.jsonl files", path=str(raw)
+                sink.error(
+                    DataError(
+                        "directory holds no decisions_*.json or decisions_*.jsonl files",
+                        path=str(raw),
+                    )
                 )
         else:
             found = [p]
@@ -102,22 +167,35 @@ def discover(paths: Iterable[str]) -> list[Path]:
             if key not in seen:
                 seen.add(key)
                 out.append(f)
-    if not out:
-        raise DataError("no dataset files given")
+    if not out and (not sink.collecting or not given):
+        sink.error(DataError("no dataset files given"))
     return out
 
 
-def read_dataset(paths: Iterable[str]) -> Dataset:
-    """Read every file, normalise records, fold events. Raises DataError on the first problem."""
+def read_dataset(paths: Iterable[str], *, problems: list[Problem] | None = None) -> Dataset:
+    """Read every file, normalise records, fold events.
+
+    Raises DataError on the first problem, unless `problems` is a list: then every
+    problem is appended to it (warnings included), bad lines and records are skipped
+    and the rest is returned (see the module docstring)."""
+    sink = _Sink(problems)
     decisions: dict[str, Decision] = {}
     files: list[DatasetFile] = []
     events: list[Event] = []
     duplicates = 0
-    for path in discover(paths):
-        info, items = _read_file(path)
+    for path in _discover(paths, sink):
+        try:
+            info, items = _read_file(path, sink)
+        except DataError as exc:
+            sink.error(exc)
+            continue
         files.append(info)
         for line, obj in items:
-            item = normalize(obj, str(path), line)
+            try:
+                item = normalize(obj, str(path), line)
+            except DataError as exc:
+                sink.error(exc)
+                continue
             if isinstance(item, Event):
                 info.events += 1
                 events.append(item)
@@ -125,17 +203,73 @@ def read_dataset(paths: Iterable[str]) -> Dataset:
             info.records += 1
             if item.decision_id in decisions:
                 duplicates += 1
+                sink.warn(
+                    Problem.warning(
+                        f"repeats decision {item.decision_id!r} first read at "
+                        f"{decisions[item.decision_id].source}; this copy is ignored",
+                        str(path),
+                        line,
+                        "decision_id",
+                    )
+                )
                 continue
             decisions[item.decision_id] = item
-    orphans = fold_events(decisions, events)
-    if orphans:
-        log.warning("%d score event(s) name decisions not in the given files; ignored", orphans)
-    if duplicates:
-        log.warning("%d record(s) repeat an earlier decision_id; the first one is kept", duplicates)
+    orphaned: list[Event] = []
+    orphans = fold_events(decisions, events, orphaned)
+    for ev in orphaned:
+        where, _, line_text = ev.source.rpartition(":")
+        sink.warn(
+            Problem.warning(
+                f"{ev.kind} event names decision {ev.decision_id!r}, which is not in the "
+                "given files; ignored",
+                where,
+                int(line_text),
+                "decision_id",
+            )
+        )
+    if not sink.collecting:  # a collecting read reports these as warnings, one per line
+        if orphans:
+            log.warning("%d score event(s) name decisions not in the given files; ignored", orphans)
+        if duplicates:
+            log.warning(
+                "%d record(s) repeat an earlier decision_id; the first one is kept", duplicates
+            )
     return Dataset(list(decisions.values()), files, orphans, duplicates)
 
 
-def _read_file(path: Path) -> tuple[DatasetFile, Iterator[tuple[int, Any]]]:
+def validate_dataset(paths: Iterable[str]) -> tuple[Dataset, list[Problem]]:
+    """Every problem in the given files (errors and warnings) and what could be read."""
+    problems: list[Problem] = []
+    dataset = read_dataset(paths, problems=problems)
+    return dataset, problems
+
+
+def read_events(paths: Iterable[Path]) -> list[Event]:
+    """The score events in these files, in order, tolerantly: records, unreadable files
+    and bad lines are skipped without a word. For finding scores written *beside* the
+    files a command was given (`simtune data rate` resuming on a single file)."""
+    events: list[Event] = []
+    for path in paths:
+        try:
+            _, items = _read_file(Path(path), _Sink([]))
+            for line, obj in items:
+                if isinstance(obj, dict) and "event" in obj:
+                    with contextlib.suppress(DataError):
+                        item = normalize(obj, str(path), line)
+                        if isinstance(item, Event):
+                            events.append(item)
+        except DataError:
+            continue
+    return events
+
+
+def _read_file(
+    path: Path, sink: _Sink | None = None
+) -> tuple[DatasetFile, Iterator[tuple[int, Any]]]:
+    """The file's facts and its `(line, object)` pairs. Parse errors go to `sink` (raised
+    when strict); after one, a JSONL file goes on with its next line (lines are
+    independent) while a JSON list stops (the rest cannot be located reliably)."""
+    sink = sink or _Sink(None)
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -150,11 +284,22 @@ def _read_file(path: Path) -> tuple[DatasetFile, Iterator[tuple[int, Any]]]:
     if not stripped:
         raise DataError("file is empty", path=str(path))
     if stripped[0] == "[":
-        return DatasetFile(str(path), digest, "json"), _json_list(text, str(path))
-    return DatasetFile(str(path), digest, "jsonl"), _jsonl(text, str(path))
+        return DatasetFile(str(path), digest, "json"), _json_list_items(text, str(path), sink)
+    return DatasetFile(str(path), digest, "jsonl"), _jsonl(text, str(path), sink)
 
 
-def _jsonl(text: str, path: str) -> Iterator[tuple[int, Any]]:
+TORN_LINE = "skipped a torn last line (no newline at the end: its write was cut short)"
+
+
+def _json_list_items(text: str, path: str, sink: _Sink) -> Iterator[tuple[int, Any]]:
+    try:
+        yield from _json_list(text, path)
+    except DataError as exc:
+        sink.error(exc)
+
+
+def _jsonl(text: str, path: str, sink: _Sink | None = None) -> Iterator[tuple[int, Any]]:
+    sink = sink or _Sink(None)
     # split("\n"), not splitlines(): JSON strings may hold raw U+2028, U+0085 and the like.
     lines = text.split("\n")
     # Writers end every line with "\n" in one write, so an unparsable last line without
@@ -164,23 +309,22 @@ def _jsonl(text: str, path: str) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            obj = json.loads(line)
         except json.JSONDecodeError as exc:
             if lineno == torn:
-                log.warning(
-                    "%s:%d: skipped a torn last line (no newline at the end: its write was "
-                    "cut short)",
-                    path,
-                    lineno,
-                )
+                if sink.collecting:
+                    sink.warn(Problem.warning(TORN_LINE, path, lineno))
+                else:
+                    log.warning("%s:%d: %s", path, lineno, TORN_LINE)
                 return
-            raise DataError(
-                f"invalid JSON ({exc.msg}, column {exc.colno})", path=path, line=lineno
-            ) from None
+            sink.error(
+                DataError(f"invalid JSON ({exc.msg}, column {exc.colno})", path=path, line=lineno)
+            )
+            continue
         except (RecursionError, ValueError) as exc:  # too deep; an over-long integer
-            raise DataError(
-                f"invalid JSON ({_json_problem(exc)})", path=path, line=lineno
-            ) from None
+            sink.error(DataError(f"invalid JSON ({_json_problem(exc)})", path=path, line=lineno))
+            continue
+        yield lineno, obj
 
 
 def _json_problem(exc: BaseException) -> str:
@@ -397,13 +541,18 @@ def _event(obj: dict[str, Any], bad: Any, source: str) -> Event:
     return Event(kind, str(obj["decision_id"]), value, extra, source)
 
 
-def fold_events(decisions: dict[str, Decision], events: list[Event]) -> int:
-    """Apply score events in file order; returns how many named unknown decisions."""
+def fold_events(
+    decisions: dict[str, Decision], events: list[Event], orphaned: list[Event] | None = None
+) -> int:
+    """Apply score events in file order; returns how many named unknown decisions (and
+    appends those events to `orphaned` when given)."""
     orphans = 0
     for ev in events:
         d = decisions.get(ev.decision_id)
         if d is None:
             orphans += 1
+            if orphaned is not None:
+                orphaned.append(ev)
             continue
         if ev.kind == "reward":
             d.reward = (d.reward or 0.0) + ev.value
