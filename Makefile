@@ -19,3 +19,5 @@ lint: setup
 bench: setup
 	.venv/bin/python bench/sft_vs_trl.py
 	.venv/bin/python bench/ppo_vs_sft.py
+	.venv/bin/python bench/recorder_overhead.py
+	.venv/bin/python bench/proxy_overhead.py
