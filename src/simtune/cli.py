@@ -128,24 +128,9 @@ def build_parser() -> Parser:
     )
     k.add_argument("dir", help="output directory")
 
-    d = sub.add_parser(
-        "demo", help="make a tiny model and fine-tune it on the bundled sample decisions"
-    )
-    d.add_argument(
-        "--workspace",
-        default="demo-workspace",
-        help="workspace to create (default: ./demo-workspace)",
-    )
-    d.add_argument(
-        "--num_train_epochs",
-        "--num-train-epochs",
-        type=float,
-        default=5.0,
-        help="epochs over the 48 bundled decisions (default: 5)",
-    )
-    from simtune.commands import collect, data, sims
+    from simtune.commands import collect, data, demo, evaluate, serve, sims
 
-    for group in (collect, data, sims):
+    for group in (collect, data, sims, serve, evaluate, demo):
         group.register(sub)
     return p
 
@@ -329,38 +314,11 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from simtune.api import run_tuning
-    from simtune.demo import prepare_demo
-
-    console = Console()
-    ws = Path(args.workspace).resolve()
-    with console.status("building a tiny model and the sample dataset..."):
-        model_dir, data = prepare_demo(ws)
-    console.print(f"[bold]tiny model[/] {model_dir}\n[bold]sample decisions[/] {data}")
-    result = run_tuning(
-        llm_path=str(model_dir),
-        dataset_path=[str(data)],
-        workspace=str(ws),
-        experiment_name="simtune-demo",
-        num_train_epochs=args.num_train_epochs,
-        learning_rate=3e-3,
-        per_device_train_batch_size=8,
-        warmup_ratio=0.0,
-        tracking_uri=f"sqlite:///{ws / 'mlflow.db'}",
-    )
-    _print_result(result, str(ws))
-    return 0
-
-
 COMMANDS = {
     "train": cmd_train,
     "models": cmd_models,
     "ui": cmd_ui,
     "make-tiny-model": cmd_make_tiny_model,
-    "demo": cmd_demo,
 }
 
 
