@@ -78,7 +78,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
+def wait_http(url: str, timeout: float = 240.0, proc: subprocess.Popen | None = None) -> None:
+    # Generous: `mlflow ui`/`mlflow server` migrate a fresh sqlite store before they
+    # answer, which took over 90 s on a 2-core machine under load. A server that dies
+    # is caught at once by `proc.poll()`, so the long wait only costs time when it hangs.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
