@@ -141,6 +141,18 @@ def test_llm_policy_over_http_counts_and_penalises_invalid_answers(tmp_path: Pat
     assert out["policy"] == "named-model" and out["invalid"] == out["by_kind"]["hire"]["invalid"]
 
 
+def test_empty_answers_are_invalid_but_not_recorded(tmp_path: Path) -> None:
+    """A model that emits end-of-text at once answers "": penalised, counted, and left out
+    of the log (the reader refuses empty outputs, so one would spoil the whole folder)."""
+    with StubLLM(reply=lambda body: "", model="silent") as llm:
+        result = run_simulation(
+            "job_market", LLMPolicy(llm.url), episodes=1, steps=2, workspace=str(tmp_path)
+        )
+    assert result.decisions > 0 and result.invalid == result.decisions
+    assert result.mean_reward == pytest.approx(INVALID_REWARD)
+    assert not list(Path(result.dataset_dir).glob("decisions_*.jsonl"))  # nothing to record
+
+
 def test_unreachable_model_url_fails_in_one_line_and_writes_nothing(workspace: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}/v1"
     r = run_cli("sims", "run", "job_market", "--model-url", url, "--workspace", str(workspace))

@@ -73,7 +73,8 @@ class DecisionRequest:
 class Ticket:
     """A recorded decision: its id, the action taken and whether the answer was valid."""
 
-    decision_id: str
+    decision_id: str | None
+    """None for an empty answer, which is counted (invalid) but not recorded."""
     action: Any
     valid: bool
     request: DecisionRequest
@@ -274,6 +275,7 @@ class EpisodeContext:
         self.episode = 0
         self.tickets: list[Ticket] = []
         self.agreed = 0
+        self.blank = 0
 
     def ask(self, requests: Sequence[DecisionRequest]) -> list[Ticket]:
         """Ask the policy for a batch of simultaneous decisions; record them in order."""
@@ -303,6 +305,13 @@ class EpisodeContext:
                 meta["invalid_reason"] = str(exc) or type(exc).__name__
             if valid and req.parse(req.expert) == action:
                 self.agreed += 1
+            if not answer.strip():
+                # An empty answer (a model that emits end-of-text at once) is invalid and
+                # penalised like any other, but it cannot be a record: the reader refuses
+                # empty outputs, so one would make the whole folder unreadable.
+                self.blank += 1
+                tickets.append(Ticket(None, action, valid, req, INVALID_REWARD))
+                continue
             did = self.recorder.record(
                 messages=req.messages,
                 output=answer,
