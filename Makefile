@@ -1,13 +1,18 @@
 # The two commands of the README. Both set up .venv first (idempotent, offline-safe).
-.PHONY: setup demo test lint bench
+.PHONY: setup browser demo test lint bench
 
 setup:
 	bash scripts/setup.sh
 
+# Debian's chromium + chromium-driver for the browser test of the MLflow UI
+# (tests/test_ui_browser.py): installed as root where apt-get exists, a no-op when present.
+browser:
+	bash scripts/install-browser.sh
+
 demo: setup
 	.venv/bin/simtune demo
 
-test: setup
+test: setup browser
 	.venv/bin/ruff check src tests bench
 	.venv/bin/ruff format --check src tests bench
 	.venv/bin/python -m pytest

@@ -122,6 +122,13 @@ def build_parser() -> Parser:
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)"
     )
     u.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    u.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server worker processes (default: 1; MLflow's own default of 4 takes much "
+        "longer to start and one user needs one)",
+    )
 
     k = sub.add_parser(
         "make-tiny-model", help="write a tiny random model + tokenizer for smoke tests"
@@ -280,8 +287,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    import subprocess
-
     ws = Path(args.workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()).resolve()
     store = args.tracking_uri or f"sqlite:///{ws / 'mlflow.db'}"
     url = f"http://{args.host}:{args.port}"
@@ -299,11 +304,42 @@ def cmd_ui(args: argparse.Namespace) -> int:
         args.host,
         "--port",
         str(args.port),
+        "--workers",
+        str(args.workers),
     ]
+    import subprocess
+
+    env = dict(os.environ)
+    # MLflow's job runner (a tree of huey consumers for its GenAI features) costs seconds
+    # of start-up and ignores the server's shutdown; simtune's UI does not need it.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # Its own process group, so that stopping `simtune ui` (Ctrl-C, SIGTERM: both arrive
+    # here as KeyboardInterrupt) takes the whole server tree down, workers included.
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
-        return subprocess.call(cmd)
+        return proc.wait()
     except KeyboardInterrupt:
+        _stop_group(proc)
         return 0
+
+
+def _stop_group(proc: Any, grace: float = 15.0) -> None:
+    import subprocess
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+            # The leader may exit before its workers: sweep the group once more.
+            os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
