@@ -26,3 +26,4 @@ bench: setup
 	.venv/bin/python bench/ppo_vs_sft.py
 	.venv/bin/python bench/recorder_overhead.py
 	.venv/bin/python bench/proxy_overhead.py
+	.venv/bin/python bench/serve_throughput.py
