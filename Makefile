@@ -27,3 +27,4 @@ bench: setup
 	.venv/bin/python bench/recorder_overhead.py
 	.venv/bin/python bench/proxy_overhead.py
 	.venv/bin/python bench/serve_throughput.py
+	.venv/bin/python bench/demo_time.py

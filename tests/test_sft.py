@@ -36,10 +36,14 @@ def train(workspace: Path, model: Path | str, data: list[Path] | None = None, **
     return run_tuning(**opts)
 
 
+PROGRESS: list[int] = []
+"""Steps `run_tuning(progress=...)` reported for the `trained` job."""
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model):
     ws = tmp_path_factory.mktemp("ws-trained")
-    return ws, train(ws, tiny_model)
+    return ws, train(ws, tiny_model, progress=PROGRESS.append)
 
 
 def _examples(tiny_model: Path, **cfg_kw):
@@ -156,6 +160,8 @@ def test_run_tuning_trains_tracks_and_registers(trained):
     assert run.data.metrics["dataset/num_used"] == 48
     history = client.get_metric_history(result.run_id, "train/loss")
     assert [m.step for m in history] == list(range(1, 13))
+    # The progress callback saw every logged step, in order.
+    assert sorted(set(PROGRESS)) == list(range(1, 13)) and PROGRESS == sorted(PROGRESS)
     losses = [m.value for m in history]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, f"loss did not go down: {losses}"
     for name in ("train/learning_rate", "train/grad_norm", "train/mean_token_accuracy"):

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,12 +54,20 @@ def new_model_id(mode: str, base_name: str) -> str:
     return f"{mode}-{slug}-{stamp}-{secrets.token_hex(3)}"
 
 
-def run_tuning(config: TuningConfig | str | None = None, /, **options: Any) -> TuningResult:
+def run_tuning(
+    config: TuningConfig | str | None = None,
+    /,
+    *,
+    progress: Callable[[int], None] | None = None,
+    **options: Any,
+) -> TuningResult:
     """Train, track and register one model.
 
     `config` may be a TuningConfig or the path of a YAML file; keyword `options`
-    (the same names as the CLI flags) override it. Raises a `SimtuneError` subclass on
-    bad input, before anything is written.
+    (the same names as the CLI flags) override it. `progress(step)` is called after each
+    logged training step (SFT: every `logging_steps`; PPO: every rollout step); its
+    exceptions are swallowed, so a progress display can never fail a job. Raises a
+    `SimtuneError` subclass on bad input, before anything is written.
     """
     if isinstance(config, TuningConfig):
         cfg = build_config(overrides=options, base=config)
@@ -108,7 +117,7 @@ def run_tuning(config: TuningConfig | str | None = None, /, **options: Any) -> T
     tokenizer = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
     prepared = _prepare(cfg, selection.decisions, tokenizer, stats)
 
-    tracker = Tracker(tracking_uri, cfg.experiment_name, workspace)
+    tracker = Tracker(tracking_uri, cfg.experiment_name, workspace, on_step=progress)
     registered_name = cfg.registered_model_name or f"{cfg.experiment_name}-{cfg.tuning_mode}"
 
     # --- 2. train in a staging dir; publish only on success ---------------------------

@@ -13,7 +13,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,14 @@ def flat_params(config: dict[str, Any]) -> dict[str, str]:
 class Tracker:
     """Owns one MLflow run: start, log, register, end."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, workspace: Path) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        workspace: Path,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        self.on_step = on_step
         import mlflow
 
         self.mlflow = mlflow
@@ -152,6 +159,9 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.mlflow.log_metrics(metrics, step=step, synchronous=False)
+        if self.on_step is not None:
+            with contextlib.suppress(Exception):  # a progress display must never fail a job
+                self.on_step(int(step))
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
         self.mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)

@@ -1,53 +1,374 @@
-"""`simtune demo` (and, later, `simtune loop`): the whole cycle on a tiny model."""
+"""`simtune demo` and `simtune loop`: the whole simulate -> tune -> serve cycle.
+
+Parsing and drawing only (rich progress bars, the reward table); the work is in
+`simtune.demo`. Nothing heavy is imported until a command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
+def _positive(text: str) -> int:
+    """argparse type: a positive integer (a usage error, exit 2, before any work)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def register(sub: Any) -> None:
     d = sub.add_parser(
-        "demo", help="make a tiny model and fine-tune it on the bundled sample decisions"
+        "demo",
+        help="the whole cycle on a tiny model: expert demos -> SFT -> serve -> PPO -> eval",
+        description="Run the job-market simulation with the expert to collect demonstrations, "
+        "train SFT on them, serve the adapter and run the simulation on it recording rewards, "
+        "train PPO from those rewards, and evaluate base vs SFT vs PPO on held-out episodes. "
+        "CPU only, a few minutes; everything lands in the workspace's MLflow store and "
+        "model registry.",
     )
     d.add_argument(
-        "--workspace",
-        default="demo-workspace",
-        help="workspace to create (default: ./demo-workspace)",
+        "--workspace", default="demo-workspace", help="workspace to use (default: ./demo-workspace)"
     )
     d.add_argument(
-        "--num_train_epochs",
-        "--num-train-epochs",
+        "--quick",
+        action="store_true",
+        help="a reduced run (fewer episodes and steps, ~1 minute): for tests and CI",
+    )
+    d.add_argument(
+        "--episodes",
+        type=_positive,
+        default=None,
+        help="expert episodes to collect demonstrations from (default: 40, --quick 12)",
+    )
+    d.add_argument(
+        "--seed", type=int, default=0, help="shifts every simulation and training seed (default: 0)"
+    )
+    d.set_defaults(handler=run_demo_command)
+
+    lp = sub.add_parser(
+        "loop",
+        help="simulate -> collect -> tune -> serve rounds for a simulation",
+        description="Round 0 runs the simulation with its expert (or a model endpoint, "
+        "--model-url) and trains SFT on the decisions; every later round serves the latest "
+        "adapter, runs the simulation on it recording rewards, trains offline PPO on them "
+        "(continuing from the latest adapter) and evaluates the new model against the "
+        "previous one on the same held-out episodes.",
+    )
+    lp.add_argument(
+        "--sim",
+        default="job_market",
+        help="simulation: a registered name (`simtune sims list`) or module:Class / "
+        "file.py:Class of your own (default: job_market)",
+    )
+    lp.add_argument(
+        "--rounds", type=_positive, default=2, help="rounds, round 0 included (default: 2)"
+    )
+    lp.add_argument(
+        "--llm_path",
+        "--llm-path",
+        default=None,
+        help="base model to tune (directory, hub id, adapter or model id; default: the "
+        "demo's tiny model, built in the workspace -- only to try the loop)",
+    )
+    src = lp.add_mutually_exclusive_group()
+    src.add_argument(
+        "--expert",
+        action="store_true",
+        help="round 0 collects with the simulation's expert policy (the default)",
+    )
+    src.add_argument(
+        "--model-url",
+        "--model_url",
+        default=None,
+        help="round 0 collects with this OpenAI-compatible endpoint instead",
+    )
+    lp.add_argument("--model", default=None, help="model name to ask --model-url for")
+    lp.add_argument(
+        "--episodes", type=_positive, default=20, help="episodes collected per round (default: 20)"
+    )
+    lp.add_argument(
+        "--eval-episodes",
+        "--eval_episodes",
+        type=_positive,
+        default=4,
+        help="held-out episodes each new model is evaluated on (default: 4)",
+    )
+    lp.add_argument(
+        "--steps", type=_positive, default=None, help="steps per episode (default: the sim's own)"
+    )
+    lp.add_argument(
+        "--config",
+        default=None,
+        help="YAML of training options for both modes; `sft:` / `ppo:` sections for one "
+        "(default: the demo's options for tiny models)",
+    )
+    lp.add_argument(
+        "--temperature",
         type=float,
-        default=5.0,
-        help="epochs over the 48 bundled decisions (default: 5)",
+        default=1.0,
+        help="sampling temperature of the served model while collecting (default: 1.0; "
+        "evaluation is greedy)",
     )
-    d.set_defaults(handler=run_demo)
+    lp.add_argument("--workspace", default=None, help="workspace (default: current directory)")
+    lp.add_argument(
+        "--experiment_name",
+        "--experiment-name",
+        default="simtune-loop",
+        help="MLflow experiment (default: simtune-loop)",
+    )
+    lp.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
+    lp.set_defaults(handler=run_loop_command)
 
 
-def run_demo(args: argparse.Namespace) -> int:
+# --- drawing -------------------------------------------------------------------------------
+
+
+def _quiet(debug: bool) -> None:
+    """Keep the terminal for the progress bars: library progress bars and INFO chatter
+    (tqdm in the trainers, datasets' map bars, MLflow's artifact bars and registration
+    lines) would tear the live display apart. --debug brings the logs back."""
+    for var in (
+        "TQDM_DISABLE",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+    ):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if debug:
+        return
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger().setLevel(logging.WARNING)
+    # Not ERROR for transformers: its Trainer then swaps the (disabled) tqdm bar for a
+    # callback that prints every log dict to stdout.
+    for name in ("mlflow", "simtune", "transformers", "datasets", "peft", "trl", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import warnings
+
+    warnings.simplefilter("ignore")
+
+
+@contextlib.contextmanager
+def _library_output(workspace: str | None, debug: bool) -> Iterator[None]:
+    """Send what libraries print to stderr (MLflow's "Registered model" lines, their
+    warnings) to <workspace>/<name>.log while the bars are live; --debug keeps it on
+    the terminal. Errors still reach the terminal: the CLI prints them after this ends."""
+    if debug:
+        yield
+        return
+    ws = Path(workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd())
+    ws.mkdir(parents=True, exist_ok=True)
+    with (ws / "simtune-output.log").open("a", encoding="utf-8") as fh:
+        with contextlib.redirect_stderr(fh):
+            yield
+
+
+def _progress(console: Any) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[unit]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _reporter(progress: Any) -> Any:
+    from simtune.demo import Reporter
+
+    class RichReporter(Reporter):
+        def __init__(self) -> None:
+            self.tasks: dict[str, Any] = {}
+            self.titles: dict[str, str] = {}
+
+        def start(self, key: str, title: str, total: int | None = None, unit: str = "") -> None:
+            self.titles[key] = title
+            self.tasks[key] = progress.add_task(title, total=total, unit=unit)
+
+        def update(self, key: str, completed: int, total: int | None = None) -> None:
+            if key in self.tasks:
+                progress.update(self.tasks[key], completed=completed, total=total)
+
+        def finish(self, key: str, detail: str = "") -> None:
+            task_id = self.tasks.pop(key, None)
+            if task_id is None:
+                return
+            task = progress.tasks[task_id]
+            total = task.total if task.total is not None else 1
+            progress.update(task_id, total=total, completed=total)
+            progress.stop_task(task_id)
+            progress.console.print(
+                f"[green]done[/] {self.titles[key]} ({task.elapsed or 0:.0f} s): {detail}"
+            )
+
+    return RichReporter()
+
+
+def _fmt(value: float | None, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.0f}%" if pct else f"{value:+.3f}"
+
+
+def _score_table(title: str, scores: list[Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("model", style="bold", no_wrap=True)
+    table.add_column("model id / policy", overflow="fold")
+    table.add_column("mean reward / decision", justify="right")
+    table.add_column("invalid answers", justify="right")
+    table.add_column("decisions", justify="right")
+    for s in scores:
+        who = s.model or ("rule-based, not a model" if s.name == "expert" else "")
+        if s.name == "random":
+            who = "uniformly random valid answer, not a model"
+        if s.name == "base":
+            who = "the untuned base model"
+        style = "dim" if s.reference else None
+        name = f"{s.name} (reference)" if s.reference else s.name
+        table.add_row(
+            name,
+            who,
+            _fmt(s.mean_reward),
+            _fmt(s.invalid_rate, pct=True),
+            str(s.decisions),
+            style=style,
+        )
+    return table
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    _quiet(getattr(args, "debug", False))
     from rich.console import Console
+    from rich.table import Table
 
-    from simtune.api import run_tuning
-    from simtune.cli import _print_result
-    from simtune.demo import prepare_demo
+    from simtune.demo import run_demo
 
     console = Console()
-    ws = Path(args.workspace).resolve()
-    with console.status("building a tiny model and the sample dataset..."):
-        model_dir, data = prepare_demo(ws)
-    console.print(f"[bold]tiny model[/] {model_dir}\n[bold]sample decisions[/] {data}")
-    result = run_tuning(
-        llm_path=str(model_dir),
-        dataset_path=[str(data)],
-        workspace=str(ws),
-        experiment_name="simtune-demo",
-        num_train_epochs=args.num_train_epochs,
-        learning_rate=3e-3,
-        per_device_train_batch_size=8,
-        warmup_ratio=0.0,
-        tracking_uri=f"sqlite:///{ws / 'mlflow.db'}",
+    debug = getattr(args, "debug", False)
+    with _progress(console) as progress, _library_output(args.workspace, debug):
+        result = run_demo(
+            args.workspace,
+            quick=args.quick,
+            episodes=args.episodes,
+            seed=args.seed,
+            reporter=_reporter(progress),
+        )
+    size = result.size
+    console.print(
+        _score_table(
+            f"reward on {size['eval_episodes']} held-out job-market episodes "
+            f"(greedy answers; invalid answers earn -1)",
+            result.scores,
+        )
     )
-    _print_result(result, str(ws))
+    base, sft, ppo = (result.score(n).mean_reward for n in ("base", "sft", "ppo"))
+    if None not in (base, sft, ppo):
+        verdict = "[green]the tuned models earn more reward than the base[/]"
+        if not (sft > base and ppo > base):  # type: ignore[operator]
+            verdict = "[red]a tuned model did not beat the base this time[/]"
+        console.print(verdict)
+
+    ws = result.workspace
+    where = Table(title="where to look", show_header=False)
+    where.add_column(style="bold", no_wrap=True)
+    where.add_column(overflow="fold")
+    where.add_row(
+        "MLflow UI", f"simtune ui --workspace {ws}   (experiment {result.experiment_name})"
+    )
+    for mode, job in (("SFT", result.sft), ("PPO", result.ppo)):
+        where.add_row(
+            f"{mode} model",
+            f"{job['model_id']}  registered {job['registered_model_name']} "
+            f"v{job['registered_model_version']}  ({job['model_uri']})",
+        )
+    where.add_row("models", f"simtune models --workspace {ws} list")
+    where.add_row("serve them", f"simtune serve --workspace {ws} --model {result.ppo['model_id']}")
+    where.add_row("expert decisions", result.expert_data)
+    where.add_row("SFT's sim decisions", result.collect_data)
+    where.add_row("eval decisions", f"{ws}/envs/job_market-eval/datasets/")
+    where.add_row("summary", f"{ws}/demo_result.json")
+    if not getattr(args, "debug", False):
+        where.add_row("library output", f"{ws}/simtune-output.log")
+    where.add_row("wall time", f"{result.seconds:.0f} s")
+    console.print(where)
+    return 0
+
+
+def run_loop_command(args: argparse.Namespace) -> int:
+    _quiet(getattr(args, "debug", False))
+    from rich.console import Console
+    from rich.table import Table
+
+    from simtune.demo import run_loop
+
+    console = Console()
+    debug = getattr(args, "debug", False)
+    with _progress(console) as progress, _library_output(args.workspace, debug):
+        result = run_loop(
+            args.sim,
+            args.rounds,
+            llm_path=args.llm_path,
+            model_url=args.model_url,
+            model_name=args.model,
+            episodes=args.episodes,
+            eval_episodes=args.eval_episodes,
+            steps=args.steps,
+            config=args.config,
+            temperature=args.temperature,
+            workspace=args.workspace,
+            experiment_name=args.experiment_name,
+            seed=args.seed,
+            reporter=_reporter(progress),
+        )
+    table = Table(title=f"simtune loop: {result.sim}, {len(result.rounds)} round(s)")
+    for col in ("round", "mode", "collected with", "collected reward", "model id"):
+        table.add_column(col, overflow="fold")
+    table.add_column("eval reward", justify="right")
+    table.add_column("previous", justify="right")
+    table.add_column("invalid", justify="right")
+    for r in result.rounds:
+        table.add_row(
+            str(r.round),
+            r.mode,
+            r.collected_with if r.round == 0 else f"round {r.round - 1}'s model (served)",
+            _fmt(r.collected_reward),
+            r.model_id,
+            _fmt(r.eval.mean_reward),
+            _fmt(r.previous.mean_reward) + f" ({r.previous.name})",
+            _fmt(r.eval.invalid_rate, pct=True),
+        )
+    console.print(table)
+    console.print(
+        f"latest model: [bold]{result.rounds[-1].model_id}[/]   "
+        f"MLflow: simtune ui --workspace {result.workspace}   "
+        f"(experiment {result.experiment_name})"
+    )
     return 0

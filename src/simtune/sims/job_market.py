@@ -48,7 +48,7 @@ the structured state as ``context`` and ``{"episode", "kind"}`` (plus
 
 `generate` and `write_jsonl` at the end are older and independent: they wrote the
 bundled sample ``simtune/data/sample_decisions.jsonl`` (stateless, prompt-string
-records) used by ``simtune demo`` and are kept so the sample can be regenerated as is.
+records; tokenizer corpus and `bench/` data) and are kept so the sample can be regenerated as is.
 """
 
 from __future__ import annotations
