@@ -22,9 +22,4 @@ lint: setup
 	.venv/bin/ruff format --check src tests bench
 
 bench: setup
-	.venv/bin/python bench/sft_vs_trl.py
-	.venv/bin/python bench/ppo_vs_sft.py
-	.venv/bin/python bench/recorder_overhead.py
-	.venv/bin/python bench/proxy_overhead.py
-	.venv/bin/python bench/serve_throughput.py
-	.venv/bin/python bench/demo_time.py
+	.venv/bin/python bench/run_all.py

@@ -13,6 +13,7 @@ Usage
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -65,11 +66,20 @@ def main() -> None:
     print()
     print("| command | median (s) | min (s) | max (s) |")
     print("|---|---:|---:|---:|")
+    results = {}
     for label, args in CASES:
         times = [time_once(base + args) for _ in range(a.runs)]
+        results[label] = {
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "max_s": max(times),
+        }
         print(
             f"| `{label}` | {statistics.median(times):.3f} | {min(times):.3f} | {max(times):.3f} |"
         )
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "help_time.json").write_text(json.dumps({"runs": a.runs, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
