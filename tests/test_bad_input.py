@@ -206,8 +206,8 @@ def test_sigterm_marks_run_killed_and_leaves_nothing(tiny_model, workspace):
     db = workspace / "mlflow.db"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if db.exists() and list((workspace / "models").glob(".staging-*/checkpoints")):
-            break  # the trainer is running
+        if db.exists() and list(workspace.glob("jobs/*/job.json")):
+            break  # the MLflow run is open and training is starting
         time.sleep(0.5)
     assert proc.poll() is None, proc.stderr.read()
     os.kill(proc.pid, signal.SIGTERM)

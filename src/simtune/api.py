@@ -6,6 +6,17 @@ is opened or anything is written, so bad input costs seconds and leaves nothing
 behind. After that, the model is built in a staging directory and only moved to
 `models/<model_id>/` and entered in the registry once training and registration
 succeeded.
+
+Resume (`--save_steps`, `--resume`, `--resume_from`): a job's checkpoints live outside
+the staging dir, in `<workspace>/jobs/<model_id>/` (`job.json` + `checkpoints/
+checkpoint-<step>/`), so they survive a failed, SIGTERMed or SIGKILLed job; they are
+removed when the job succeeds. SIGTERM/Ctrl-C during training saves a checkpoint at the
+end of the current step, then the job unwinds as KeyboardInterrupt (run KILLED, exit
+130). `--resume` picks the most recently updated job dir whose job.json has the same
+tuning mode, model, dataset paths and output dir; the resumed job keeps the model id
+and reopens the same MLflow run (a SIGKILLed job's run was left RUNNING; it simply
+continues and ends FINISHED). Steps logged after the last checkpoint of a SIGKILLed job
+are logged again on resume (MLflow keeps both values for those steps).
 """
 
 from __future__ import annotations
@@ -17,7 +28,9 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -100,7 +113,8 @@ def run_tuning(
     stats = describe(dataset, selection)
     spec = resolve_model(cfg.llm_path or "", workspace)
 
-    model_id = new_model_id(cfg.tuning_mode, spec.base_name)
+    job, checkpoint = _find_resume(cfg, workspace)
+    model_id = str(job["model_id"]) if job else new_model_id(cfg.tuning_mode, spec.base_name)
     final_dir = (
         Path(cfg.output_dir).resolve() if cfg.output_dir else workspace / "models" / model_id
     )
@@ -127,16 +141,26 @@ def run_tuning(
         "simtune.tuning_mode": cfg.tuning_mode,
         "simtune.base_model": spec.base,
     }
+    job_dir = workspace / JOBS_DIR / model_id
     published = False
+    finished = False
     version = ""
     try:
-        with tracker.run(cfg.run_name or model_id, tags) as run_id:
-            tracker.log_params(cfg.to_dict())
-            tracker.log_dataset(stats)
+        with tracker.run(
+            cfg.run_name or model_id, tags, resume_run_id=job.get("run_id") if job else None
+        ) as run_id:
+            if not tracker.resumed:
+                # A reopened run has these already; MLflow params cannot change.
+                tracker.log_params(cfg.to_dict())
+                tracker.log_dataset(stats)
+            _write_job(job_dir, cfg, model_id, run_id, tracking_uri, status="running")
             adapter_dir = staging / "adapter"
-            metrics = _train(cfg, prepared, spec, tokenizer, staging, adapter_dir, tracker)
+            if checkpoint is not None:
+                log.info("resuming %s from %s", model_id, checkpoint)
+            metrics = _train(
+                cfg, prepared, spec, tokenizer, job_dir, adapter_dir, tracker, checkpoint
+            )
             tokenizer.save_pretrained(str(adapter_dir))
-            shutil.rmtree(staging / "checkpoints", ignore_errors=True)
 
             version, model_uri = tracker.register(
                 adapter_dir,
@@ -178,7 +202,9 @@ def run_tuning(
             os.replace(adapter_dir, final_dir)
             published = True
             _registry_add(workspace, meta, final_dir)
-    except BaseException:
+            finished = True
+    except BaseException as exc:
+        _keep_or_drop_job(job_dir, "killed" if isinstance(exc, KeyboardInterrupt) else "failed")
         # Nothing of an unfinished job may look usable: no model dir, no registry
         # entry, no registered version (the FAILED/KILLED run itself stays, as history).
         if published:
@@ -189,6 +215,11 @@ def run_tuning(
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if finished:
+            # The model is published; its checkpoints would only cost disk.
+            shutil.rmtree(job_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # `jobs/` itself only while it holds a job
+            job_dir.parent.rmdir()
 
     return TuningResult(
         model_id=model_id,
@@ -209,7 +240,9 @@ def _prepare(cfg: TuningConfig, decisions: list[Any], tokenizer: Any, stats: dic
     if cfg.tuning_mode == "sft":
         from simtune.training.sft import build_examples
 
-        examples = build_examples(decisions, tokenizer, cfg)
+        examples = build_examples(
+            decisions, tokenizer, cfg, cache_dir=cfg.workspace_path() / "cache" / "examples"
+        )
         stats.update(
             num_tokens=examples.num_tokens,
             num_completion_tokens=examples.num_completion_tokens,
@@ -236,19 +269,50 @@ def _train(
     prepared: Any,
     spec: Any,
     tokenizer: Any,
-    staging: Path,
+    job_dir: Path,
     adapter_dir: Path,
     tracker: Any,
+    checkpoint: Path | None = None,
 ) -> dict[str, float]:
-    """Run the mode's recipe and save its adapter to `adapter_dir`; returns final metrics."""
+    """Run the mode's recipe and save its adapter to `adapter_dir`; returns final metrics.
+
+    Checkpoints go to `job_dir/checkpoints`; `checkpoint` is the one to resume from.
+    Raises KeyboardInterrupt after the checkpoint a SIGTERM/Ctrl-C asked for is saved."""
+    with _stop_on_signal() as stop:
+        metrics = _train_mode(
+            cfg, prepared, spec, tokenizer, job_dir, adapter_dir, tracker, checkpoint, stop
+        )
+    return metrics
+
+
+def _train_mode(
+    cfg: TuningConfig,
+    prepared: Any,
+    spec: Any,
+    tokenizer: Any,
+    job_dir: Path,
+    adapter_dir: Path,
+    tracker: Any,
+    checkpoint: Path | None,
+    stop: _StopRequest,
+) -> dict[str, float]:
     from simtune.training.model import load_model
 
+    resume = str(checkpoint) if checkpoint is not None else None
     if cfg.tuning_mode == "reward":
         from simtune.training.reward_model import train_reward_model
 
         metrics, trained = train_reward_model(
-            cfg, prepared, spec, tokenizer, staging, [tracker.metrics_callback()]
+            cfg,
+            prepared,
+            spec,
+            tokenizer,
+            job_dir,
+            [tracker.metrics_callback()],
+            resume_from=resume,
+            should_stop=stop,
         )
+        stop.raise_if_requested()
         trained.save_pretrained(str(adapter_dir), safe_serialization=True)
         return metrics
     model = load_model(
@@ -262,8 +326,16 @@ def _train(
         from simtune.training.sft import train_sft
 
         metrics, trained = train_sft(
-            cfg, prepared, model, tokenizer, staging, [tracker.metrics_callback()]
+            cfg,
+            prepared,
+            model,
+            tokenizer,
+            job_dir,
+            [tracker.metrics_callback()],
+            resume_from=resume,
+            should_stop=stop,
         )
+        stop.raise_if_requested()
         trained.save_pretrained(str(adapter_dir), safe_serialization=True)
         return metrics
     from simtune.training.ppo import save_value_head, train_ppo
@@ -277,10 +349,175 @@ def _train(
         reward_source=source,
         log_metrics=tracker.log_metrics,
         adapter_dir=spec.adapter,
+        checkpoint_dir=job_dir / "checkpoints",
+        resume_from=checkpoint,
+        should_stop=stop,
     )
+    stop.raise_if_requested()
     trained.save_pretrained(str(adapter_dir), safe_serialization=True)
     save_value_head(v_head, adapter_dir)
     return metrics
+
+
+JOBS_DIR = "jobs"
+JOB_FILE = "job.json"
+
+
+class _StopRequest:
+    """Set by the first SIGTERM/SIGINT during training; the trainers poll it (calling it)
+    at step ends and save a checkpoint before they stop."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def raise_if_requested(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {self.signum}")
+
+
+@contextlib.contextmanager
+def _stop_on_signal() -> Iterator[_StopRequest]:
+    """Turn SIGTERM/SIGINT into a stop request for the duration of training, instead of
+    an exception raised wherever the interpreter happens to be (mid optimizer step,
+    mid checkpoint write). A second signal raises at once: the user insists."""
+    stop = _StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.signum is not None:
+            raise KeyboardInterrupt(f"signal {signum}")
+        stop.signum = signum
+        log.warning(
+            "signal %d: saving a checkpoint at the end of this step, then stopping "
+            "(send it again to stop at once)",
+            signum,
+        )
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            if h is not None:  # None: set outside Python; cannot be restored
+                signal.signal(s, h)
+
+
+def _job_match(cfg: TuningConfig) -> dict[str, Any]:
+    """What `--resume` compares: the options that make two jobs 'the same output'."""
+    return {
+        "tuning_mode": cfg.tuning_mode,
+        "llm_path": cfg.llm_path,
+        "dataset_path": sorted(str(Path(p).resolve()) for p in cfg.dataset_path),
+        "output_dir": str(Path(cfg.output_dir).resolve()) if cfg.output_dir else None,
+    }
+
+
+def latest_checkpoint(job_dir: Path) -> Path | None:
+    """The highest complete checkpoint-<step> of a job: a directory with the state file
+    its trainer writes last (a SIGKILL mid-save leaves one without it)."""
+    found = []
+    for d in (job_dir / "checkpoints").glob("checkpoint-*"):
+        step = d.name.removeprefix("checkpoint-")
+        complete = (d / "trainer_state.json").is_file() or (d / "ppo_state.json").is_file()
+        if step.isdigit() and complete:
+            found.append((int(step), d))
+    return max(found)[1] if found else None
+
+
+def _read_job(job_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _find_resume(cfg: TuningConfig, workspace: Path) -> tuple[dict[str, Any] | None, Path | None]:
+    """(job.json of the job to continue, checkpoint to load) for --resume/--resume_from;
+    (None, None) for a fresh job. A --resume_from checkpoint outside a simtune job dir
+    starts a new job (new model id and run) from that checkpoint."""
+    if cfg.resume_from:
+        path = Path(cfg.resume_from).expanduser().resolve()
+        if (path / JOB_FILE).is_file():  # a job dir: its latest checkpoint
+            ckpt = latest_checkpoint(path)
+            if ckpt is None:
+                raise ConfigError(f"--resume_from: {path} has no complete checkpoint")
+            return _read_job(path), ckpt
+        if not (path / "trainer_state.json").is_file() and not (path / "ppo_state.json").is_file():
+            raise ConfigError(
+                f"--resume_from: {path} is not a checkpoint (expected a checkpoint-<step> "
+                "directory or a job directory under <workspace>/jobs)"
+            )
+        job_dir = path.parent.parent
+        job = _read_job(job_dir) if path.parent.name == "checkpoints" else None
+        return job, path
+    if not cfg.resume:
+        return None, None
+    want = _job_match(cfg)
+    candidates = []
+    for job_file in (workspace / JOBS_DIR).glob(f"*/{JOB_FILE}"):
+        job = _read_job(job_file.parent)
+        ckpt = latest_checkpoint(job_file.parent)
+        if job and ckpt is not None and job.get("match") == want:
+            candidates.append((job_file.stat().st_mtime, job_file.parent.name, job, ckpt))
+    if not candidates:
+        raise ConfigError(
+            f"--resume: no interrupted {cfg.tuning_mode} job of this model, dataset and "
+            f"output dir with a checkpoint under {workspace / JOBS_DIR}"
+        )
+    _, _, job, ckpt = max(candidates, key=lambda c: (c[0], c[1]))
+    return job, ckpt
+
+
+def _write_job(
+    job_dir: Path,
+    cfg: TuningConfig,
+    model_id: str,
+    run_id: str,
+    tracking_uri: str,
+    *,
+    status: str,
+) -> None:
+    job_dir.mkdir(parents=True, exist_ok=True)
+    data = {
+        "model_id": model_id,
+        "run_id": run_id,
+        "tracking_uri": tracking_uri,
+        "status": status,
+        "updated_at": datetime.now(timezone.utc).isoformat(),
+        "match": _job_match(cfg),
+        "config": cfg.to_dict(),
+    }
+    tmp = job_dir / f".{JOB_FILE}.tmp"
+    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, job_dir / JOB_FILE)  # atomic: a kill never leaves half a job.json
+
+
+def _keep_or_drop_job(job_dir: Path, status: str) -> None:
+    """After a failed or killed job: keep its dir if there is a checkpoint to resume,
+    else remove it (nothing to resume from, nothing to leave behind)."""
+    job = _read_job(job_dir)
+    if job is None:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        return
+    if latest_checkpoint(job_dir) is None:
+        shutil.rmtree(job_dir, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        job.update(status=status, updated_at=datetime.now(timezone.utc).isoformat())
+        (job_dir / JOB_FILE).write_text(json.dumps(job, indent=2, default=str), encoding="utf-8")
+        log.warning(
+            "job %s stopped; resume it with --resume (or --resume_from %s)",
+            job["model_id"],
+            latest_checkpoint(job_dir),
+        )
 
 
 def _registry_add(workspace: Path, meta: dict[str, Any], path: Path) -> None:

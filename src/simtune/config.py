@@ -137,7 +137,18 @@ class TuningConfig:
     """Log metrics every N optimizer steps."""
 
     save_steps: int = 0
-    """Save a checkpoint every N steps (0: only the final model)."""
+    """Save a resumable checkpoint (adapter, optimizer, scheduler, RNG; PPO also value
+    head and KL controller) every N steps under <workspace>/jobs/<model_id>/checkpoints
+    (0: none, except the one SIGTERM/Ctrl-C saves). Removed when the job succeeds."""
+
+    resume: bool = False
+    """Continue the most recent interrupted job with the same --tuning_mode, --llm_path,
+    --dataset_path and --output_dir from its latest checkpoint, in the same MLflow run
+    (also after SIGKILL: from the last checkpoint written); fails if there is none."""
+
+    resume_from: str | None = None
+    """Continue from this checkpoint directory (.../checkpoint-<step>), or from the
+    latest checkpoint of a job directory <workspace>/jobs/<model_id>."""
 
     seed: int = 42
     """Random seed for data order, LoRA init and dropout."""
@@ -331,6 +342,8 @@ class TuningConfig:
             raise ConfigError(f"--max_samples: must be positive, got {self.max_samples!r}")
         if self.save_steps < 0:
             raise ConfigError(f"--save_steps: must be >= 0, got {self.save_steps!r}")
+        if self.resume and self.resume_from:
+            raise ConfigError("--resume and --resume_from exclude each other")
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 exclude each other")
         if self.devices is not None:

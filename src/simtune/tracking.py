@@ -85,6 +85,7 @@ class Tracker:
         self.client = mlflow.MlflowClient(tracking_uri)
         self.experiment_id = self._experiment(experiment_name)
         self.run_id: str | None = None
+        self.resumed = False
 
     def _experiment(self, name: str) -> str:
         try:
@@ -109,7 +110,13 @@ class Tracker:
             ) from None
 
     @contextlib.contextmanager
-    def run(self, run_name: str, tags: dict[str, str]) -> Iterator[str]:
+    def run(
+        self, run_name: str, tags: dict[str, str], *, resume_run_id: str | None = None
+    ) -> Iterator[str]:
+        """Open the job's run (or reopen `resume_run_id`, an interrupted job's run, which
+        goes RUNNING again) and end it FINISHED, FAILED or KILLED. `self.resumed` tells
+        whether the old run was reopened; when it is gone (deleted, another store) a new
+        run is started instead and the job's history is split over two runs."""
         mlflow = self.mlflow
         # MLflow's fluent API (start_run, log_model) reads a process-global URI, and
         # set_tracking_uri also exports MLFLOW_TRACKING_URI. Restore both afterwards so
@@ -119,7 +126,22 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         status = "FAILED"
         try:
-            run = mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=tags)
+            self.resumed = False
+            if resume_run_id and self._reopenable(resume_run_id):
+                run = mlflow.start_run(run_id=resume_run_id)
+                self.resumed = True
+            else:
+                if resume_run_id:
+                    log.warning(
+                        "MLflow run %s of the interrupted job is not in experiment %s of %s; "
+                        "logging the resumed job to a new run",
+                        resume_run_id,
+                        self.experiment_id,
+                        self.uri,
+                    )
+                run = mlflow.start_run(
+                    experiment_id=self.experiment_id, run_name=run_name, tags=tags
+                )
             self.run_id = run.info.run_id
             try:
                 yield self.run_id
@@ -133,6 +155,13 @@ class Tracker:
                 mlflow.end_run(status=status)
         finally:
             mlflow.set_tracking_uri(previous)  # None unsets the variable again
+
+    def _reopenable(self, run_id: str) -> bool:
+        try:
+            info = self.client.get_run(run_id).info
+        except Exception:
+            return False
+        return info.experiment_id == self.experiment_id and info.lifecycle_stage == "active"
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.mlflow.log_params(flat_params(params))

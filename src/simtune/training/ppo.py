@@ -44,8 +44,10 @@ Deliberate simplifications (each is a cost we chose to pay, not an oversight):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -230,8 +232,15 @@ def train_ppo(
     reward_source: Any | None,
     log_metrics: Callable[[dict[str, float], int], None],
     adapter_dir: str | None = None,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, float], Any, Any]:
-    """Run PPO; returns (final metrics, trained PEFT policy, value head module)."""
+    """Run PPO; returns (final metrics, trained PEFT policy, value head module).
+
+    With `checkpoint_dir`, a checkpoint is written there every `save_steps` rollout
+    steps and when `should_stop()` turns true (training then returns early);
+    `resume_from` continues from one (see `save_checkpoint`)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -278,8 +287,15 @@ def train_ppo(
 
     order: list[int] = []
     history: list[dict[str, float]] = []
+    start = 0
+    if resume_from is not None:
+        start, order, history = load_checkpoint(
+            Path(resume_from), inner, optimizer, scheduler, kl_ctl, rng
+        )
     progress = _progress(n_rollouts, accelerator.is_main_process)
-    for step in range(1, n_rollouts + 1):
+    if progress is not None and start:
+        progress.update(start)
+    for step in range(start + 1, n_rollouts + 1):
         # --- 1. rollout ------------------------------------------------------------
         picked = []
         while len(picked) < batch:
@@ -382,6 +398,24 @@ def train_ppo(
             progress.set_postfix(
                 score=f"{record['ppo/score_mean']:.3f}", kl=f"{seq_kl:.3f}", refresh=False
             )
+        stopping = should_stop is not None and should_stop()
+        periodic = cfg.save_steps > 0 and step % cfg.save_steps == 0
+        if checkpoint_dir is not None and (stopping or periodic):
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                save_checkpoint(
+                    Path(checkpoint_dir),
+                    step,
+                    inner,
+                    optimizer,
+                    scheduler,
+                    kl_ctl,
+                    rng,
+                    order,
+                    history,
+                )
+        if stopping:
+            break
     if progress is not None:
         progress.close()
     if reward_source is not None and accelerator.is_main_process:
@@ -398,6 +432,103 @@ def train_ppo(
         "value_loss_last": last["ppo/value_loss"],
     }
     return metrics, accelerator.unwrap_model(module).policy, inner.v_head
+
+
+PPO_STATE_FILE = "ppo_state.json"
+
+
+def save_checkpoint(
+    checkpoint_dir: Path,
+    step: int,
+    module: Any,
+    optimizer: Any,
+    scheduler: Any,
+    kl_ctl: Any,
+    rng: random.Random,
+    order: list[int],
+    history: list[dict[str, float]],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint-<step>: trainable weights (LoRA + value head), optimizer and
+    scheduler state, torch RNG states, and (last, as the completeness marker) a JSON of
+    step, KL controller, sample order, Python RNG and metric history. Written to a temp
+    dir and renamed, so a kill mid-save leaves no half checkpoint; only the last `keep`
+    are kept (each costs an adapter plus two AdamW moments of it)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir / f"checkpoint-{step}"
+    tmp = checkpoint_dir / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    trainable = {
+        n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad
+    }
+    save_file(trainable, str(tmp / "trainable.safetensors"))
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        tmp / "optimizer.pt",
+    )
+    version, internal, gauss = rng.getstate()
+    state = {
+        "step": step,
+        "kl_ctl": kl_ctl.state_dict(),
+        "order": order,
+        "python_rng": [version, list(internal), gauss],
+        "history": history,
+    }
+    (tmp / PPO_STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    done = sorted(
+        (int(d.name.split("-")[1]), d)
+        for d in checkpoint_dir.glob("checkpoint-*")
+        if d.name.split("-")[1].isdigit()
+    )
+    for _, old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    path: Path,
+    module: Any,
+    optimizer: Any,
+    scheduler: Any,
+    kl_ctl: Any,
+    rng: random.Random,
+) -> tuple[int, list[int], list[dict[str, float]]]:
+    """Restore what `save_checkpoint` wrote; returns (step, sample order, history)."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = json.loads((path / PPO_STATE_FILE).read_text(encoding="utf-8"))
+    weights = load_file(str(path / "trainable.safetensors"))
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    if unexpected or trainable - set(weights):
+        raise DataError(
+            f"--resume_from: {path} does not fit this model "
+            f"({len(unexpected)} unexpected, {len(trainable - set(weights))} missing tensors)"
+        )
+    blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["torch_rng"])
+    if blob["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["cuda_rng"])
+    kl_ctl.load_state_dict(state["kl_ctl"])
+    version, internal, gauss = state["python_rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    return int(state["step"]), list(state["order"]), list(state["history"])
 
 
 def save_value_head(v_head: Any, adapter_dir: Path) -> None:

@@ -15,6 +15,7 @@ token, which is the end of the answer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,8 +155,12 @@ def train_reward_model(
     callbacks: list[Any],
     *,
     normalise: str | None = None,
+    resume_from: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, float], Any]:
     """Train a LoRA reward model; returns (summary metrics, the trained PeftModel).
+
+    Checkpoints, `resume_from` and `should_stop` work as in `sft.train_sft`.
 
     `decisions` are the selected decisions, or what `build_reward_examples` made of
     them. `spec` is the `training.model.ModelSpec` of --llm_path. Save the result with
@@ -165,7 +170,7 @@ def train_reward_model(
     from peft import PeftModel, get_peft_model
     from transformers import DataCollatorWithPadding, Trainer
 
-    from simtune.training.sft import _quiet_progress
+    from simtune.training.sft import _quiet_progress, stop_callback
 
     if cfg.padding_free:
         log.info("--padding_free does not apply to --tuning_mode reward; padding instead")
@@ -198,10 +203,10 @@ def train_reward_model(
         train_dataset=train,
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        callbacks=callbacks,
+        callbacks=[*callbacks, *([stop_callback(should_stop)] if should_stop else [])],
     )
     _quiet_progress(trainer)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics.update(
         train_loss=float(result.training_loss),

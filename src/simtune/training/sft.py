@@ -13,6 +13,8 @@ instead, keeping the instruction that simulators put last.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,40 +58,188 @@ def split_prompt_answer(
     return full[:cut], full[cut:]
 
 
-def build_examples(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig) -> Examples:
-    """Chat-template each decision into (input_ids, completion_mask), answer-preserving."""
+def build_examples(
+    decisions: list[Decision],
+    tokenizer: Any,
+    cfg: TuningConfig,
+    *,
+    cache_dir: Path | None = None,
+    batch_size: int = 256,
+) -> Examples:
+    """Chat-template each decision into (input_ids, completion_mask), answer-preserving.
+
+    Tokenizes in batches (a fast tokenizer encodes a batch on all cores, in Rust) and
+    caches the result in `cache_dir` (default: ``<workspace>/cache/examples`` when a
+    workspace is set, by `cfg.workspace` or $SIMTUNE_HOME; no cache otherwise), keyed by
+    `examples_cache_key`: a second build of the same data with the same tokenizer,
+    template and options reads the file instead of tokenizing."""
+    if cache_dir is None and (cfg.workspace or os.environ.get("SIMTUNE_HOME")):
+        cache_dir = cfg.workspace_path() / "cache" / "examples"
+    cache: Path | None = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"{examples_cache_key(decisions, tokenizer, cfg)}.json"
+        cached = _load_examples(cache)
+        if cached is not None:
+            log.info("tokenized examples: cache hit (%s)", cache)
+            return cached
+        log.info("tokenized examples: cache miss; tokenizing %d decision(s)", len(decisions))
     input_ids: list[list[int]] = []
     masks: list[list[int]] = []
     truncated = 0
     n_tok = n_comp = 0
-    for d in decisions:
-        prompt_part, answer = split_prompt_answer(
-            tokenizer, d.chat_prompt(cfg.system_prompt), d.target
+    for lo in range(0, len(decisions), batch_size):
+        batch = decisions[lo : lo + batch_size]
+        prompts = [d.chat_prompt(cfg.system_prompt) for d in batch]
+        p_batch = batch_chat_ids(tokenizer, prompts, True)
+        full_batch = batch_chat_ids(
+            tokenizer,
+            [
+                [*p, {"role": "assistant", "content": d.target}]
+                for p, d in zip(prompts, batch, strict=True)
+            ],
+            False,
         )
-        if not answer:
-            raise DataError(
-                "the chat template renders no answer tokens", path=d.source, field="output"
-            )
-        budget = cfg.max_length - len(answer)
-        if budget < 1:
-            # The answer alone overflows: keep its start and a token of prompt.
-            answer = answer[: cfg.max_length - 1]
-            budget = 1
-        if len(prompt_part) > budget:
-            truncated += 1
-            prompt_part = prompt_part[len(prompt_part) - budget :]
-        ids = prompt_part + answer
-        input_ids.append(ids)
-        masks.append([0] * len(prompt_part) + [1] * len(answer))
-        n_tok += len(ids)
-        n_comp += len(answer)
+        for d, p_ids, full in zip(batch, p_batch, full_batch, strict=True):
+            cut = _common_prefix(p_ids, full)
+            prompt_part, answer = full[:cut], full[cut:]
+            if not answer:
+                raise DataError(
+                    "the chat template renders no answer tokens", path=d.source, field="output"
+                )
+            budget = cfg.max_length - len(answer)
+            if budget < 1:
+                # The answer alone overflows: keep its start and a token of prompt.
+                answer = answer[: cfg.max_length - 1]
+                budget = 1
+            if len(prompt_part) > budget:
+                truncated += 1
+                prompt_part = prompt_part[len(prompt_part) - budget :]
+            ids = prompt_part + answer
+            input_ids.append(ids)
+            masks.append([0] * len(prompt_part) + [1] * len(answer))
+            n_tok += len(ids)
+            n_comp += len(answer)
     if truncated:
         log.warning(
             "%d prompt(s) longer than --max_length %d were cut from the left",
             truncated,
             cfg.max_length,
         )
-    return Examples(input_ids, masks, truncated, n_tok, n_comp)
+    examples = Examples(input_ids, masks, truncated, n_tok, n_comp)
+    if cache is not None:
+        _save_examples(cache, examples)
+    return examples
+
+
+def batch_chat_ids(
+    tokenizer: Any, conversations: list[list[dict[str, str]]], generation_prompt: bool
+) -> list[list[int]]:
+    """`chat_ids` of many conversations in one call (the same ids: transformers renders
+    each and encodes the batch with the backend tokenizer)."""
+    if not conversations:
+        return []
+    out = tokenizer.apply_chat_template(
+        conversations, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+    )
+    if hasattr(out, "keys"):  # a BatchEncoding on some versions
+        out = out["input_ids"]
+    return [list(ids) for ids in out]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    cut = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        cut += 1
+    return cut
+
+
+_CACHE_FORMAT = 1
+
+
+def examples_cache_key(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig) -> str:
+    """sha256 of everything `build_examples`' output depends on: the tokenized text of
+    each decision (its chat prompt with the system prompt, and its target: so selection,
+    filters and folded events all count, not just the files), max_length, the tokenizer
+    (its full serialization when fast, else its vocabulary and settings), its chat
+    template, and the simtune version. Hashing costs ~1 s per GB of text."""
+    import hashlib
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.sha256()
+    try:
+        simtune_version = version("simtune")
+    except PackageNotFoundError:
+        simtune_version = "?"
+    head = {
+        "format": _CACHE_FORMAT,
+        "simtune": simtune_version,
+        "max_length": cfg.max_length,
+        "system_prompt": cfg.system_prompt,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "tokenizer_class": type(tokenizer).__name__,
+        "special_tokens": getattr(tokenizer, "special_tokens_map", None),
+    }
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "to_str"):
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    for d in decisions:
+        h.update(b"\x1e")
+        h.update(
+            json.dumps([d.chat_prompt(cfg.system_prompt), d.target], ensure_ascii=False).encode()
+        )
+    return h.hexdigest()
+
+
+def _load_examples(path: Path) -> Examples | None:
+    """The cached examples, or None (missing, or unreadable: then rebuilt and rewritten)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        ids, masks = data["input_ids"], data["completion_mask"]
+        return Examples(
+            ids,
+            masks,
+            int(data["truncated_prompts"]),
+            sum(len(x) for x in ids),
+            sum(sum(m) for m in masks),
+        )
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring an unreadable examples cache %s: %s", path, exc)
+        return None
+
+
+def _save_examples(path: Path, examples: Examples) -> None:
+    """JSON (not pickle: a cache file must never run code), written through a temporary
+    file and a rename so a concurrent or killed job never leaves half a file."""
+    import json
+    import tempfile
+
+    data = {
+        "input_ids": examples.input_ids,
+        "completion_mask": examples.completion_mask,
+        "truncated_prompts": examples.truncated_prompts,
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, separators=(",", ":"))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:  # a cache is an optimisation: never fail the job over it
+        log.warning("could not write the examples cache %s: %s", path, exc)
 
 
 def lora_config(cfg: TuningConfig, task_type: str = "CAUSAL_LM", **extra: Any) -> Any:
@@ -143,6 +293,9 @@ def training_arguments(args_cls: type, cfg: TuningConfig, output_dir: Path, **ex
         logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps > 0 else "no",
         save_steps=cfg.save_steps if cfg.save_steps > 0 else 500,
+        # Two, not one: a job SIGKILLed while writing checkpoint N still has N - save_steps
+        # complete (simtune's resume skips a checkpoint without trainer_state.json).
+        save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
         bf16=cfg.bf16,
@@ -177,8 +330,16 @@ def train_sft(
     tokenizer: Any,
     work_dir: Path,
     callbacks: list[Any],
+    *,
+    resume_from: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, float], Any]:
-    """Run SFTTrainer; returns (summary metrics, the trained PEFT model)."""
+    """Run SFTTrainer; returns (summary metrics, the trained PEFT model).
+
+    Checkpoints go to `work_dir/checkpoints/checkpoint-<step>` every `save_steps`.
+    `resume_from` (a checkpoint dir) restores adapter, optimizer, scheduler, RNG and
+    data position; `should_stop()` turning true makes the trainer save a checkpoint at
+    the end of the current step and return early (see `StopOnRequest`)."""
     from datasets import Dataset
     from peft import PeftModel
     from trl import SFTTrainer
@@ -193,13 +354,31 @@ def train_sft(
         processing_class=tokenizer,
         # A model that already carries an adapter (continued training) keeps it.
         peft_config=None if isinstance(model, PeftModel) else lora_config(cfg),
-        callbacks=callbacks,
+        callbacks=[*callbacks, *([stop_callback(should_stop)] if should_stop else [])],
     )
     _quiet_progress(trainer)
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics.update(train_loss=float(result.training_loss), global_step=float(result.global_step))
     return metrics, trainer.model
+
+
+def stop_callback(should_stop: Callable[[], bool]) -> Any:
+    """A TrainerCallback that, once `should_stop()` is true (a SIGTERM/Ctrl-C was
+    caught), saves a full checkpoint at the end of the current optimizer step and ends
+    training. Checking at step ends costs nothing; the price is that a stop waits for
+    the step in flight (seconds), which is what makes the checkpoint consistent."""
+    from transformers import TrainerCallback
+
+    class StopOnRequest(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+            if should_stop():
+                # The Trainer honours should_save even with save_strategy "no".
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return StopOnRequest()
 
 
 def _quiet_progress(trainer: Any) -> None:
