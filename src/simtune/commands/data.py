@@ -5,14 +5,20 @@ Every action reads dataset paths (files or folders, like ``--dataset_path``) and
 collected: ``rate`` appends event lines to a new log file, ``export`` and ``split``
 write new files atomically. Bad input prints one line naming file:line and field and
 exits 2 (``validate`` prints every problem instead of the first).
+
+``stats``, ``validate``, ``export`` and ``split`` stream (see `reader.scan_dataset`):
+memory does not grow with the number of records, and on a terminal a progress bar of
+bytes read goes to stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -262,14 +268,19 @@ def dataset_paths(args: argparse.Namespace) -> list[str]:
     return paths
 
 
-def _filtered(args: argparse.Namespace, decisions: list[Any]) -> Any:
-    from simtune.decisions.reader import select
+def _dropped(dropped: dict[str, int]) -> str:
+    parts = [f"{n} by --{k.replace('_', '-')}" for k, n in dropped.items() if n]
+    return f" (dropped {', '.join(parts)})" if parts else ""
+
+
+def _filters(args: argparse.Namespace) -> Any:
+    """The training filters (as in `simtune train`), applied one decision at a time."""
+    from simtune.decisions.curate import Filters
     from simtune.errors import ConfigError
 
     if args.max_samples is not None and args.max_samples < 1:
         raise ConfigError(f"--max-samples: expected at least 1, got {args.max_samples}")
-    return select(
-        decisions,
+    return Filters(
         min_rating=args.min_rating,
         min_reward=args.min_reward,
         agent_types=args.agent_types,
@@ -277,9 +288,41 @@ def _filtered(args: argparse.Namespace, decisions: list[Any]) -> Any:
     )
 
 
-def _dropped(dropped: dict[str, int]) -> str:
-    parts = [f"{n} by --{k.replace('_', '-')}" for k, n in dropped.items() if n]
-    return f" (dropped {', '.join(parts)})" if parts else ""
+@contextlib.contextmanager
+def _progress(paths: list[str], what: str) -> Iterator[Callable[[int], None] | None]:
+    """A bytes-read progress bar on stderr when it is a terminal (the streaming commands
+    read each file twice: events first, then records); nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from simtune.decisions.reader import discover
+
+    try:
+        total = 2 * sum(p.stat().st_size for p in discover(paths))
+    except Exception:  # a bad path: the command itself reports it, with its own words
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    progress = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = progress.add_task(what, total=total)
+    with progress:
+        yield lambda n: progress.advance(task, n)
 
 
 def _write(text: str) -> None:
@@ -294,10 +337,11 @@ def _num(value: float | None, digits: int = 2) -> str:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from simtune.decisions.curate import dataset_stats
-    from simtune.decisions.reader import read_dataset
+    from simtune.decisions.curate import stream_stats
 
-    stats = dataset_stats(read_dataset(dataset_paths(args)))
+    paths = dataset_paths(args)
+    with _progress(paths, "reading") as on_bytes:
+        stats = stream_stats(paths, on_bytes=on_bytes)
     if args.json:
         _write(json.dumps(stats, indent=2))
         return 0
@@ -356,18 +400,22 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from simtune.decisions.reader import validate_dataset
+    from simtune.decisions.reader import Problem, scan_dataset
 
-    dataset, problems = validate_dataset(dataset_paths(args))
+    paths = dataset_paths(args)
+    problems: list[Problem] = []
+    with _progress(paths, "validating") as on_bytes:
+        # Streamed: only the problems are kept (see `scan_dataset` for what else is).
+        scan = scan_dataset(paths, lambda _: None, problems=problems, on_bytes=on_bytes)
     errors = [p for p in problems if p.severity == "error"]
     warnings = [p for p in problems if p.severity != "error"]
     summary = {
         "errors": len(errors),
         "warnings": len(warnings),
-        "files": len(dataset.files),
-        "records": sum(f.records for f in dataset.files),
-        "events": sum(f.events for f in dataset.files),
-        "decisions": len(dataset.decisions),
+        "files": len(scan.files),
+        "records": sum(f.records for f in scan.files),
+        "events": sum(f.events for f in scan.files),
+        "decisions": scan.decisions,
     }
     if args.json:
         _write(
@@ -496,22 +544,18 @@ def _print_rate(report: Any, as_json: bool) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from simtune.decisions.curate import write_export
-    from simtune.decisions.reader import read_dataset
-    from simtune.errors import DataError
+    from simtune.decisions.curate import stream_export
 
     fmt = args.format or ("seed" if args.output.endswith(".json") else "jsonl")
-    dataset = read_dataset(dataset_paths(args))
-    selection = _filtered(args, dataset.decisions)
-    if not selection.decisions:
-        raise DataError(
-            f"nothing to export: the filters left none of {len(dataset.decisions)} "
-            f"decision(s){_dropped(selection.dropped)}"
+    filters = _filters(args)
+    paths = dataset_paths(args)
+    with _progress(paths, "exporting") as on_bytes:
+        path, scan = stream_export(
+            paths, args.output, fmt, filters, force=args.force, on_bytes=on_bytes
         )
-    path = write_export(Path(args.output), selection.decisions, fmt, force=args.force)
     _write(
-        f"exported {len(selection.decisions)} of {len(dataset.decisions)} decision(s) "
-        f"({fmt}) to {path}{_dropped(selection.dropped)}"
+        f"exported {filters.kept} of {scan.decisions} decision(s) "
+        f"({fmt}) to {path}{_dropped(filters.dropped)}"
     )
     return 0
 
@@ -520,32 +564,30 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def run_split(args: argparse.Namespace) -> int:
-    from simtune.decisions.curate import (
-        check_split,
-        export_records,
-        render,
-        split_decisions,
-        write_atomic,
-    )
-    from simtune.decisions.reader import read_dataset
+    from simtune.decisions.curate import check_split, stream_split
 
     check_split(args.by, args.held_out)  # before reading: a bad flag needs no data
-    dataset = read_dataset(dataset_paths(args))
-    selection = _filtered(args, dataset.decisions)
-    split = split_decisions(selection.decisions, by=args.by, held_out=args.held_out, seed=args.seed)
+    filters = _filters(args)
+    paths = dataset_paths(args)
     out = Path(args.out)
-    files = {
-        out / "train.jsonl": render(export_records(split.train), "jsonl"),
-        out / "heldout.jsonl": render(export_records(split.heldout), "jsonl"),
-    }
-    write_atomic(files, force=args.force, flag="--out")
-    n = len(selection.decisions)
+    with _progress(paths, "splitting") as on_bytes:
+        split = stream_split(
+            paths,
+            out,
+            filters,
+            by=args.by,
+            held_out=args.held_out,
+            seed=args.seed,
+            force=args.force,
+            on_bytes=on_bytes,
+        )
+    n = split.train + split.heldout
     _write(
-        f"train: {len(split.train)} decision(s) from {split.train_groups} {args.by}(s) "
+        f"train: {split.train} decision(s) from {split.train_groups} {args.by}(s) "
         f"-> {out / 'train.jsonl'}\n"
-        f"held-out: {len(split.heldout)} decision(s) from {split.heldout_groups} {args.by}(s) "
-        f"({100 * len(split.heldout) / n:.0f}%) -> {out / 'heldout.jsonl'}"
-        + _dropped(selection.dropped)
+        f"held-out: {split.heldout} decision(s) from {split.heldout_groups} {args.by}(s) "
+        f"({100 * split.heldout / n:.0f}%) -> {out / 'heldout.jsonl'}"
+        + _dropped(filters.dropped)
         + (
             f"\n{split.keyless} decision(s) without a {args.by} id were grouped by file"
             if split.keyless

@@ -24,6 +24,11 @@ hashing ``seed, env_name, key``: the same group always lands on the same side, a
 adding data never moves an existing group. The held-out share is a target (each group
 lands there with probability `held_out`), not an exact count. A decision without the
 key (no ``run_id`` / ``agent_id``) is grouped by the name of the file it came from.
+
+Streaming versions for files of any size (what the CLI uses): `stream_stats`,
+`stream_export` and `stream_split` give the same results and bytes as the in-memory
+functions, reading through `reader.scan_dataset` (memory: see there) and writing
+through `AtomicFiles`. `stream_stats` parses big JSONL inputs in several processes.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simtune.decisions.reader import RESERVED_KEYS, Dataset
+from simtune.decisions.reader import RESERVED_KEYS, Brief, Dataset, Scan, scan_dataset
 from simtune.decisions.schema import Decision
 from simtune.errors import ConfigError, DataError
 
@@ -134,6 +139,442 @@ def dataset_stats(dataset: Dataset) -> dict[str, Any]:
         "runs": len({(d.env_name, d.run_id) for d in dataset.decisions if d.run_id}),
         "agents": len({(d.env_name, d.agent_id) for d in dataset.decisions if d.agent_id}),
     }
+
+
+class StatsAccumulator:
+    """`dataset_stats` folded one decision at a time (`add` takes a `Brief`), for files too
+    big to hold: memory is a few numbers per (env, agent type) group plus the distinct
+    (env, run) and (env, agent) pairs -- it grows with runs and agents, not decisions.
+    Pairs are counted (not just collected) so that a decision can be taken out again
+    (`remove`: a repeated id found after the fact by the parallel pass)."""
+
+    _ZERO = (0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0)
+
+    def __init__(self) -> None:
+        # [records, with_reward, with_rating, with_feedback, human, llm, sum_reward,
+        #  sum_rating, sum_prompt_chars, sum_output_chars]
+        self.groups: dict[tuple[str | None, str | None], list[Any]] = {}
+        self.runs: dict[tuple[str | None, str], int] = {}
+        self.agents: dict[tuple[str | None, str], int] = {}
+
+    def add(self, b: Brief) -> None:
+        env, agent_type, run, agent, reward, rating, source, feedback, p_chars, o_chars = b
+        g = self.groups.get((env, agent_type))
+        if g is None:
+            g = self.groups[(env, agent_type)] = list(self._ZERO)
+        g[0] += 1
+        if reward is not None:
+            g[1] += 1
+            g[6] += reward
+        if rating is not None:
+            g[2] += 1
+            g[7] += rating
+        if feedback:
+            g[3] += 1
+        if source == "human":
+            g[4] += 1
+        elif source == "llm":
+            g[5] += 1
+        g[8] += p_chars
+        g[9] += o_chars
+        if run:
+            self.runs[(env, run)] = self.runs.get((env, run), 0) + 1
+        if agent:
+            self.agents[(env, agent)] = self.agents.get((env, agent), 0) + 1
+
+    def remove(self, b: Brief) -> None:
+        """Undo `add(b)`."""
+        env, agent_type, run, agent, reward, rating, source, feedback, p_chars, o_chars = b
+        undo = (
+            1,
+            reward is not None,
+            rating is not None,
+            bool(feedback),
+            source == "human",
+            source == "llm",
+            reward or 0.0,
+            rating or 0.0,
+            p_chars,
+            o_chars,
+        )
+        g = self.groups[(env, agent_type)]
+        for i, v in enumerate(undo):
+            g[i] -= v
+        for pairs, key in ((self.runs, (env, run)), (self.agents, (env, agent))):
+            if key[1]:
+                pairs[key] -= 1
+                if not pairs[key]:
+                    del pairs[key]
+
+    def merge(self, other: StatsAccumulator) -> None:
+        for key, g in other.groups.items():
+            mine = self.groups.setdefault(key, list(self._ZERO))
+            for i, v in enumerate(g):
+                mine[i] += v
+        for mine_pairs, theirs in ((self.runs, other.runs), (self.agents, other.agents)):
+            for key, n in theirs.items():
+                mine_pairs[key] = mine_pairs.get(key, 0) + n
+
+    @staticmethod
+    def _row(g: list[Any]) -> dict[str, Any]:
+        n, rw, rt, fb, human, llm, s_rw, s_rt, s_p, s_o = g
+
+        def pct(k: int) -> float:
+            return round(100.0 * k / n, 1) if n else 0.0
+
+        def mean(total: float, k: int) -> float | None:
+            return round(total / k, 4) if k else None
+
+        return {
+            "records": n,
+            "with_reward": rw,
+            "with_rating": rt,
+            "with_feedback": fb,
+            "reward_pct": pct(rw),
+            "rating_pct": pct(rt),
+            "feedback_pct": pct(fb),
+            "rated_by_human": human,
+            "rated_by_llm": llm,
+            "mean_reward": mean(s_rw, rw),
+            "mean_rating": mean(s_rt, rt),
+            "mean_prompt_chars": mean(float(s_p), n),
+            "mean_output_chars": mean(float(s_o), n),
+        }
+
+    def result(self, scan: Scan) -> dict[str, Any]:
+        total = list(self._ZERO)
+        for g in self.groups.values():
+            total = [a + b for a, b in zip(total, g, strict=True)]
+        rows = [
+            {"env_name": env, "agent_type": agent, **self._row(g)}
+            for (env, agent), g in sorted(
+                self.groups.items(), key=lambda kv: (kv[0][0] or "", kv[0][1] or "")
+            )
+        ]
+        return {
+            "groups": rows,
+            "total": self._row(total),
+            "files": len(scan.files),
+            "events": sum(f.events for f in scan.files),
+            "orphan_events": scan.orphan_events,
+            "duplicate_ids": scan.duplicate_ids,
+            "runs": len(self.runs),
+            "agents": len(self.agents),
+        }
+
+
+def stream_stats(
+    paths: Iterable[str],
+    *,
+    on_bytes: Callable[[int], None] | None = None,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """`dataset_stats(read_dataset(paths))` in bounded memory (see `scan_dataset`).
+
+    JSONL inputs of more than `_PARALLEL_MIN_BYTES` are parsed by `workers` processes
+    (default: the CPU count, at most 8), each on its own byte range (`_stats_parallel`);
+    parsing JSON is nearly all of the time, and one core does ~100-150k records/s."""
+    paths = list(paths)
+    n = workers if workers is not None else min(os.cpu_count() or 1, 8)
+    if n > 1:
+        from simtune.decisions.reader import _discover, _Sink
+
+        files = _discover(paths, _Sink(None))
+        if all(_is_jsonl(f) for f in files) and (
+            sum(f.stat().st_size for f in files) >= _PARALLEL_MIN_BYTES
+        ):
+            return _stats_parallel(files, n, on_bytes)
+    acc = StatsAccumulator()
+    scan = scan_dataset(paths, acc.add, on_bytes=on_bytes)
+    return acc.result(scan)
+
+
+# Below this a pool's start-up (~0.1-0.3 s) costs more than it saves.
+_PARALLEL_MIN_BYTES = 32 << 20
+_CHUNK_BYTES = 8 << 20
+_WORKER_EVENTS: dict[str, Any] = {}
+
+
+def _is_jsonl(path: Path) -> bool:
+    with contextlib.suppress(OSError), path.open("rb") as fh:
+        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        return bool(head) and not head.startswith(b"[")
+    return False
+
+
+def _prepass(
+    path: Path,
+    events: dict[str, list[Any]],
+    in_order: list[Any],
+    on_bytes: Callable[[int], None] | None,
+) -> list[tuple[str, int, int, int]]:
+    """Pass 1 of `_stats_parallel` over one JSONL file: collect its score events (as
+    `scan_dataset` does) and cut it into byte ranges of about `_CHUNK_BYTES` at line
+    starts, as (path, start, end, line number before start), so workers report true
+    line numbers and derive the ids of id-less records as `read_dataset` does."""
+    from simtune.decisions.reader import Event, normalize
+
+    tasks: list[tuple[str, int, int, int]] = []
+    start = start_line = pos = line = pending = 0
+    name = str(path)
+    with path.open("rb") as fh:
+        for raw in fh:
+            pos += len(raw)
+            line += 1
+            pending += len(raw)
+            if b'"event"' in raw:
+                with contextlib.suppress(ValueError, RecursionError, DataError):
+                    obj = json.loads(raw.removeprefix(b"\xef\xbb\xbf"))
+                    if isinstance(obj, dict) and "event" in obj:
+                        ev = normalize(obj, name, line)
+                        if isinstance(ev, Event):
+                            events.setdefault(ev.decision_id, []).append(ev)
+                            in_order.append(ev)
+            if pos - start >= _CHUNK_BYTES:
+                tasks.append((name, start, pos, start_line))
+                start, start_line = pos, line
+                if on_bytes is not None:
+                    on_bytes(pending)
+                    pending = 0
+    if pos > start:
+        tasks.append((name, start, pos, start_line))
+    if on_bytes is not None and pending:
+        on_bytes(pending)
+    return tasks
+
+
+def _brief_of(obj: Any, path: str, line: int) -> tuple[str, Brief] | None:
+    """(id, folded Brief) of one parsed record; None for an event. Raises DataError."""
+    from simtune.decisions.reader import Event, _fast_brief, brief, fold_events, normalize
+
+    if type(obj) is dict and "event" not in obj:
+        fast = _fast_brief(obj)
+        if fast is not None and fast[0] not in _WORKER_EVENTS:
+            return fast
+    d = normalize(obj, path, line)
+    if isinstance(d, Event):
+        return None
+    evs = _WORKER_EVENTS.get(d.decision_id)
+    if evs:
+        fold_events({d.decision_id: d}, evs)
+    return d.decision_id, brief(d)
+
+
+def _stats_chunk(task: tuple[str, int, int]) -> dict[str, Any]:
+    """Statistics of one byte range (run in a worker): the records' aggregates, their id
+    fingerprints, byte offsets and lines (for the parent's check across ranges), and the
+    first problem, if any (stats stops at it, like a strict read)."""
+    from array import array
+
+    from simtune.decisions.reader import _BOM, _decode, _json_problem
+
+    path, start, end, line = task
+    acc = StatsAccumulator()
+    fps, offsets, lines = array("q"), array("q"), array("q")
+    local: set[int] = set()
+    out: dict[str, Any] = {"lines": 0, "records": 0, "events": 0, "dups": 0, "torn": None}
+    out["error"] = None
+    matched: set[str] = set()
+    pos = start
+    with open(path, "rb") as fh:
+        fh.seek(start)
+        while pos < end:
+            raw = fh.readline()
+            if not raw:
+                break
+            at = pos
+            pos += len(raw)
+            line += 1
+            if at == 0 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                out["error"] = (line, "not UTF-8 text", None)
+                break
+            if not text.strip():
+                continue
+            try:
+                obj = _decode(text)
+            except (RecursionError, ValueError) as exc:
+                if not raw.endswith(b"\n"):
+                    out["torn"] = line
+                    break
+                msg = (
+                    f"invalid JSON ({exc.msg}, column {exc.colno})"
+                    if isinstance(exc, json.JSONDecodeError)
+                    else f"invalid JSON ({_json_problem(exc)})"
+                )
+                out["error"] = (line, msg, None)
+                break
+            try:
+                got = _brief_of(obj, path, line)
+            except DataError as exc:
+                out["error"] = (line, _bare(exc), exc.field)
+                break
+            if got is None:
+                out["events"] += 1
+                continue
+            did, b = got
+            out["records"] += 1
+            fp = hash(did)  # the same in every worker: forked, they share the hash seed
+            if fp in local:
+                out["dups"] += 1
+                continue
+            local.add(fp)
+            if did in _WORKER_EVENTS:
+                matched.add(did)
+            fps.append(fp)
+            offsets.append(at)
+            lines.append(line)
+            acc.add(b)
+    out.update(acc=acc, fps=fps.tobytes(), offsets=offsets.tobytes(), lines=lines.tobytes())
+    out.update(matched=matched, nbytes=end - start)
+    return out
+
+
+def _worker_signals() -> None:
+    """Workers die on SIGTERM and leave Ctrl-C to the parent. They are forked from the
+    CLI, whose SIGTERM handler raises KeyboardInterrupt: in a worker that would fire
+    inside the pool's queue lock when the pool stops them, and hang the other workers."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _bare(exc: DataError) -> str:
+    """The message of a DataError without its ``file:line: field 'x': `` prefix."""
+    text = str(exc)
+    if exc.path is not None:
+        text = text.removeprefix(f"{exc.path}:{exc.line}: " if exc.line else f"{exc.path}: ")
+    return text.removeprefix(f"field '{exc.field}': ") if exc.field else text
+
+
+def _stats_parallel(
+    files: list[Path], workers: int, on_bytes: Callable[[int], None] | None
+) -> dict[str, Any]:
+    """`stream_stats` over JSONL files with a process pool (Linux fork; elsewhere one
+    process). Memory: the parent keeps the sorted fingerprints of the ids read so far
+    (8 B per decision: 8 MB at a million) to find ids repeated across ranges; a repeat
+    is re-read by its byte offset and taken out of the totals again."""
+    import logging
+    import multiprocessing
+
+    import numpy as np
+
+    from simtune.decisions.reader import TORN_LINE, DatasetFile
+
+    log = logging.getLogger("simtune.decisions.reader")
+    events: dict[str, list[Any]] = {}
+    in_order: list[Any] = []
+    tasks = [t for path in files for t in _prepass(path, events, in_order, on_bytes)]
+    _WORKER_EVENTS.clear()
+    _WORKER_EVENTS.update(events)  # inherited by the forked workers
+    acc = StatsAccumulator()
+    # Fingerprints of the ids kept so far, sorted, in a buffer sized for the most records
+    # the files could hold (a record line is > 20 bytes): pages never written are never
+    # resident, so memory is 8 B per decision read, plus the sort's n/2 scratch.
+    seen = np.empty(sum(p.stat().st_size for p in files) // 20 + 1, dtype=np.int64)
+    n_seen = 0
+    infos = {str(p): DatasetFile(str(p), "", "jsonl") for p in files}
+    scan = Scan(list(infos.values()))
+    matched: set[str] = set()
+    try:
+        ctx = multiprocessing.get_context("fork")
+    except ValueError:
+        ctx = None
+    pool = ctx.Pool(workers, initializer=_worker_signals) if ctx is not None else None
+    ok = False
+    try:
+        results = pool.imap(_stats_chunk, tasks) if pool else map(_stats_chunk, tasks)
+        for (path, _, _, _), res in zip(tasks, results, strict=True):
+            if res["error"] is not None:
+                line, msg, fld = res["error"]
+                raise DataError(msg, path=path, line=line, field=fld)
+            if res["torn"] is not None:
+                log.warning("%s:%d: %s", path, res["torn"], TORN_LINE)
+            info = infos[path]
+            info.records += res["records"]
+            info.events += res["events"]
+            scan.records += res["records"]
+            scan.duplicate_ids += res["dups"]
+            matched |= res["matched"]
+            fps = np.frombuffer(res["fps"], dtype=np.int64)
+            acc.merge(res["acc"])
+            kept = seen[:n_seen]
+            i = np.searchsorted(kept, fps)
+            repeated = np.flatnonzero(kept[np.minimum(i, n_seen - 1)] == fps) if n_seen else []
+
+            if len(repeated):
+                offsets = np.frombuffer(res["offsets"], dtype=np.int64)
+                lines = np.frombuffer(res["lines"], dtype=np.int64)
+                with open(path, "rb") as fh:
+                    for k in repeated:
+                        fh.seek(int(offsets[k]))
+                        got = _brief_of(json.loads(fh.readline()), path, int(lines[k]))
+                        assert got is not None
+                        acc.remove(got[1])
+                scan.duplicate_ids += len(repeated)
+            if n_seen + len(fps) > len(seen):  # shorter lines than assumed: grow
+                seen = np.concatenate([seen[:n_seen], np.empty(n_seen + len(fps), np.int64)])
+            seen[n_seen : n_seen + len(fps)] = fps
+            n_seen += len(fps)
+            seen[:n_seen].sort(kind="stable")  # a sorted run plus a short one: ~linear
+            if on_bytes is not None:
+                on_bytes(res["nbytes"])
+        ok = True
+    finally:
+        if pool is not None:
+            if ok:
+                pool.close()  # idle workers exit on their own
+            else:
+                pool.terminate()  # an error or Ctrl-C: stop the others now
+            pool.join()
+        _WORKER_EVENTS.clear()
+    scan.decisions = scan.records - scan.duplicate_ids
+    scan.orphan_events = sum(ev.decision_id not in matched for ev in in_order)
+    if scan.orphan_events:
+        log.warning(
+            "%d score event(s) name decisions not in the given files; ignored", scan.orphan_events
+        )
+    if scan.duplicate_ids:
+        log.warning(
+            "%d record(s) repeat an earlier decision_id; the first one is kept", scan.duplicate_ids
+        )
+    return acc.result(scan)
+
+
+class Filters:
+    """`reader.select` one decision at a time: `keep(d)` says whether `d` passes, and
+    `dropped` counts why the others did not (the same keys and order of tests)."""
+
+    def __init__(
+        self,
+        *,
+        min_rating: float | None = None,
+        min_reward: float | None = None,
+        agent_types: list[str] | None = None,
+        max_samples: int | None = None,
+    ) -> None:
+        self.min_rating, self.min_reward, self.max_samples = min_rating, min_reward, max_samples
+        self.wanted = set(agent_types or ())
+        self.dropped = {"min_rating": 0, "min_reward": 0, "agent_types": 0, "max_samples": 0}
+        self.kept = 0
+
+    def keep(self, d: Decision) -> bool:
+        if self.wanted and d.agent_type not in self.wanted:
+            self.dropped["agent_types"] += 1
+        elif self.min_rating is not None and (d.rating is None or d.rating < self.min_rating):
+            self.dropped["min_rating"] += 1
+        elif self.min_reward is not None and (d.reward is None or d.reward < self.min_reward):
+            self.dropped["min_reward"] += 1
+        elif self.max_samples is not None and self.kept >= self.max_samples:
+            self.dropped["max_samples"] += 1
+        else:
+            self.kept += 1
+            return True
+        return False
 
 
 # --- export --------------------------------------------------------------------------------
@@ -273,6 +714,125 @@ def write_atomic(files: dict[Path, bytes], *, force: bool = False, flag: str = "
     return list(files)
 
 
+class AtomicFiles:
+    """Streaming counterpart of `write_atomic`: `files[i]` are open temporary files next to
+    `paths[i]`; `commit()` flushes, fsyncs and renames them all. Leaving the `with` block
+    without a commit (an error, Ctrl-C) removes the temporary files and any folder this
+    created, so a failed export or split leaves nothing behind. Memory: one write buffer
+    per file, whatever is written."""
+
+    def __init__(self, paths: list[Path], *, force: bool = False, flag: str = "-o") -> None:
+        if not force:
+            for path in paths:
+                if path.exists():
+                    raise ConfigError(f"{flag} {path}: already exists; pass --force to replace it")
+        for path in paths:
+            if path.is_dir():
+                raise ConfigError(f"{flag} {path}: is a directory")
+        self.paths = paths
+        self.files: list[Any] = []
+        self._temps: list[str] = []
+        self._made: list[Path] = []
+        self._done = False
+
+    def __enter__(self) -> AtomicFiles:
+        try:
+            for path in self.paths:
+                missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._made += [p for p in missing if p not in self._made]
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                self._temps.append(tmp)
+                self.files.append(os.fdopen(fd, "wb", buffering=1 << 20))
+        except OSError as exc:
+            self.__exit__(None, None, None)
+            raise DataError(
+                f"cannot write: {exc.strerror or exc}", path=str(exc.filename or "")
+            ) from None
+        return self
+
+    def commit(self) -> None:
+        try:
+            for fh in self.files:
+                fh.flush()
+                os.fsync(fh.fileno())
+                fh.close()
+            for tmp, path in zip(self._temps, self.paths, strict=True):
+                os.replace(tmp, path)
+        except OSError as exc:
+            raise DataError(
+                f"cannot write: {exc.strerror or exc}", path=str(exc.filename or "")
+            ) from None
+        self._done = True
+
+    def __exit__(self, *exc: object) -> None:
+        for fh in self.files:
+            with contextlib.suppress(OSError):
+                fh.close()
+        if self._done:
+            return
+        for tmp in self._temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        # Deepest first; a folder something else has written into meanwhile stays.
+        for folder in sorted(self._made, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def dropped_text(dropped: dict[str, int]) -> str:
+    """`` (dropped 3 by --min-rating, ...)`` or nothing."""
+    parts = [f"{n} by --{k.replace('_', '-')}" for k, n in dropped.items() if n]
+    return f" (dropped {', '.join(parts)})" if parts else ""
+
+
+def _jsonl_line(record: dict[str, Any]) -> bytes:
+    return (
+        json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n"
+    ).encode()
+
+
+def stream_export(
+    paths: Iterable[str],
+    output: str | os.PathLike[str],
+    fmt: str,
+    filters: Filters,
+    *,
+    force: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> tuple[Path, Scan]:
+    """`write_export` of the filtered, folded decisions of `paths`, streamed: the same
+    bytes, written as they are read (memory: see `scan_dataset`). Raises DataError when
+    the filters leave nothing (and writes nothing)."""
+    check_format(fmt)
+    out = Path(output)
+    convert: Callable[[Decision], dict[str, Any]] = to_seed_record if fmt == "seed" else to_record
+    with AtomicFiles([out], force=force, flag="-o") as files:
+        fh = files.files[0]
+
+        def consume(d: Decision) -> None:
+            if not filters.keep(d):
+                return
+            if fmt == "seed":
+                # What json.dumps(list, indent=2) writes for this element.
+                text = json.dumps(convert(d), ensure_ascii=False, indent=2, default=str)
+                lead = "[\n  " if filters.kept == 1 else ",\n  "
+                fh.write((lead + text.replace("\n", "\n  ")).encode())
+            else:
+                fh.write(_jsonl_line(convert(d)))
+
+        scan = scan_dataset(paths, consume, full=True, on_bytes=on_bytes)
+        if not filters.kept:
+            raise DataError(
+                f"nothing to export: the filters left none of {scan.decisions} "
+                f"decision(s){dropped_text(filters.dropped)}"
+            )
+        if fmt == "seed":
+            fh.write(b"\n]\n")
+        files.commit()
+    return out, scan
+
+
 # --- train / held-out split ----------------------------------------------------------------
 
 
@@ -331,10 +891,70 @@ def split_decisions(
     n_held = sum(sides.values())
     n_train = len(sides) - n_held
     if not train or not heldout:
-        side = "held-out" if not heldout else "train"
-        raise ConfigError(
-            f"--held-out {held_out}: the {side} side would be empty ({len(sides)} {by} "
-            f"group(s) in all, split whole by --by {by}); change --held-out or --seed, or "
-            + ("use --by agent" if by == "run" else "add data from more agents")
-        )
+        raise _empty_side(held_out, by, len(sides), "held-out" if not heldout else "train")
     return Split(train, heldout, n_train, n_held, by, keyless)
+
+
+def _empty_side(held_out: float, by: str, groups: int, side: str) -> ConfigError:
+    return ConfigError(
+        f"--held-out {held_out}: the {side} side would be empty ({groups} {by} "
+        f"group(s) in all, split whole by --by {by}); change --held-out or --seed, or "
+        + ("use --by agent" if by == "run" else "add data from more agents")
+    )
+
+
+@dataclass
+class SplitCounts:
+    """What `stream_split` wrote (`Split` without the decisions)."""
+
+    train: int
+    heldout: int
+    train_groups: int
+    heldout_groups: int
+    by: str
+    keyless: int
+    scan: Scan
+
+
+def stream_split(
+    paths: Iterable[str],
+    out_dir: str | os.PathLike[str],
+    filters: Filters,
+    *,
+    by: str = "run",
+    held_out: float = 0.2,
+    seed: int = 0,
+    force: bool = False,
+    on_bytes: Callable[[int], None] | None = None,
+) -> SplitCounts:
+    """`split_decisions` written to OUT/train.jsonl and OUT/heldout.jsonl as the records
+    are read (the same files, the same errors; nothing written on one). Memory: one
+    side per group (a run or agent), plus `scan_dataset`'s."""
+    check_split(by, held_out)
+    out = Path(out_dir)
+    sides: dict[str, bool] = {}
+    counts = [0, 0]  # train, held-out
+    keyless = 0
+    with AtomicFiles([out / "train.jsonl", out / "heldout.jsonl"], force=force, flag="--out") as f:
+        train_fh, held_fh = f.files
+
+        def consume(d: Decision) -> None:
+            nonlocal keyless
+            if not filters.keep(d):
+                return
+            key, has_key = group_key(d, by)
+            keyless += not has_key
+            held = sides.get(key)
+            if held is None:
+                held = sides[key] = _bucket(key, seed) < held_out
+            counts[held] += 1
+            (held_fh if held else train_fh).write(_jsonl_line(to_record(d)))
+
+        scan = scan_dataset(paths, consume, full=True, on_bytes=on_bytes)
+        if not filters.kept:
+            raise DataError("nothing to split: no decisions left after the filters")
+        n_held = sum(sides.values())
+        if not counts[0] or not counts[1]:
+            raise _empty_side(held_out, by, len(sides), "held-out" if not counts[1] else "train")
+        f.commit()
+    return SplitCounts(counts[0], counts[1], len(sides) - n_held, n_held, by, keyless, scan)

@@ -25,6 +25,12 @@ rest: one error per bad line or record (the first wrong field of a record), a JS
 list is checked up to its first structural error only (the rest cannot be located
 reliably), and orphan events, repeated decision ids and torn last lines are reported
 as warnings naming their file:line.
+
+Large files: JSONL is read line by line (never whole), and `scan_dataset` streams the
+folded decisions to a callback instead of returning them, in memory that does not grow
+with the records (the score events, 16 B of id fingerprint per decision, one line):
+what `simtune data stats|validate|export|split` use. `read_dataset` returns a list, so
+it holds every decision (training needs them all anyway).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from math import isfinite as _isfinite
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +244,295 @@ def read_dataset(paths: Iterable[str], *, problems: list[Problem] | None = None)
     return Dataset(list(decisions.values()), files, orphans, duplicates)
 
 
+# --- streaming: aggregates over files of any size ---------------------------------------------
+
+
+# What statistics need of one folded decision -- (env_name, agent_type, run_id, agent_id,
+# reward, rating, rating_source, has_feedback, prompt_chars, output_chars) -- as a plain
+# tuple: building a NamedTuple costs ~10x more, and this is made a million times.
+Brief = tuple
+
+
+def brief(d: Decision) -> Brief:
+    prompt = (
+        sum(len(m.get("content") or "") for m in d.messages) if d.messages else len(d.prompt or "")
+    )
+    return (
+        d.env_name,
+        d.agent_type,
+        d.run_id,
+        d.agent_id,
+        d.reward,
+        d.rating,
+        d.metadata.get("rating_source"),
+        bool(d.feedback),
+        prompt,
+        len(d.output),
+    )
+
+
+# Keys whose handling in `normalize` is more than a type check (aliases, seed fields,
+# chat messages, a context that may name the agent type): records holding any of them
+# take the full path.
+_SLOW_KEYS = frozenset(_CONSUMED) | {"messages", "completion", "context", "rating_source"}
+
+
+def _fast_brief(obj: dict[str, Any]) -> tuple[str, Brief] | None:
+    """(decision id, Brief) of a plain DESIGN.md record without building a Decision, or
+    None when the record needs `normalize` (other shapes, or anything it would reject or
+    rewrite: the full path then gives the same answer or the same error). About 3x
+    cheaper than `normalize` on the records simulators write."""
+    if not _SLOW_KEYS.isdisjoint(obj):
+        return None
+    did = obj.get("decision_id")
+    prompt = obj.get("prompt")
+    output = obj.get("output")
+    if (
+        did is None
+        or type(prompt) is not str
+        or type(output) is not str
+        or not prompt.strip()
+        or not output.strip()
+        or "```" in output
+    ):
+        return None
+    feedback = obj.get("feedback")
+    if feedback is not None and (type(feedback) is not str or "```" in feedback):
+        return None
+    step = obj.get("step")
+    if step is not None and type(step) is not int:
+        return None
+    reward = obj.get("reward")
+    rating = obj.get("rating")
+    latency = obj.get("latency_s")
+    # Plain floats inline (the common case); anything else through `finite_number`.
+    for value in (reward, rating, latency):
+        if value is not None and not (type(value) is float and _isfinite(value)):
+            try:
+                finite_number(value)
+            except ValueError:
+                return None
+    if type(reward) is int:
+        reward = float(reward)
+    if type(rating) is int:
+        rating = float(rating)
+    meta = obj.get("metadata")
+    env, agent_type, run, agent = (
+        obj.get("env_name"),
+        obj.get("agent_type"),
+        obj.get("run_id"),
+        obj.get("agent_id"),
+    )
+    return str(did), (
+        env if env is None or type(env) is str else str(env),
+        agent_type if agent_type is None or type(agent_type) is str else str(agent_type),
+        run if run is None or type(run) is str else str(run),
+        agent if agent is None or type(agent) is str else str(agent),
+        reward,
+        rating,
+        meta.get("rating_source") if type(meta) is dict else None,
+        bool(feedback and feedback.strip()),
+        len(prompt),
+        len(output),
+    )
+
+
+class SeenIds:
+    """Which decision ids were read, in about 16 bytes per id (a Python set of the ids
+    would take ~100 B each: 100 MB at a million).
+
+    Keeps 64-bit fingerprints (`hash(id)`, SipHash: stable within the process, which is all
+    this needs) with where each id was first read: the newest ones in a dict, merged every
+    `batch` ids into two sorted arrays (numpy sorts them; lookups bisect). Peak: 16 B per
+    id plus 16 B per id for a moment at each merge (32 MB at a million). Two different ids
+    sharing a fingerprint would make the second look repeated; among n ids that has a
+    chance of about n^2 / 2^65 (3e-8 at a million)."""
+
+    def __init__(self, batch: int = 1 << 16, capacity: int = 1 << 20) -> None:
+        import numpy as np
+
+        self.batch = batch
+        self.recent: dict[int, int] = {}
+        # Sized for the most ids the input could hold: pages never written are never
+        # resident, so this costs what is used, and nothing is copied to grow it.
+        self.keys = np.empty(max(capacity, batch), dtype=np.int64)
+        self.where = np.empty(len(self.keys), dtype=np.int64)
+        self.n = 0
+        self._view = memoryview(self.keys)  # bisect on it: ints, no numpy scalars
+
+    def add(self, decision_id: str, where: int) -> int | None:
+        """Record `decision_id` read at `where`; returns where it was first read if seen."""
+        import bisect
+
+        fp = hash(decision_id)
+        first = self.recent.get(fp)
+        if first is not None:
+            return first
+        i = bisect.bisect_left(self._view, fp, 0, self.n)
+        if i < self.n and self._view[i] == fp:
+            return int(self.where[i])
+        self.recent[fp] = where
+        if len(self.recent) >= self.batch:
+            self._merge()
+        return None
+
+    def _merge(self) -> None:
+        import numpy as np
+
+        n, m = self.n, len(self.recent)
+        if n + m > len(self.keys):  # more ids than the input size suggested: grow
+            grow = max(2 * len(self.keys), n + m)
+            self.keys = np.concatenate([self.keys[:n], np.empty(grow - n, np.int64)])
+            self.where = np.concatenate([self.where[:n], np.empty(grow - n, np.int64)])
+            self._view = memoryview(self.keys)
+        self.keys[n : n + m] = np.fromiter(self.recent, np.int64, m)
+        self.where[n : n + m] = np.fromiter(self.recent.values(), np.int64, m)
+        self.recent = {}
+        self.n = n + m
+        # Transient: the permutation and one gathered copy, 16 B per id held.
+        order = np.argsort(self.keys[: self.n], kind="stable")  # sorted run + short run
+        self.keys[: self.n] = self.keys[: self.n][order]
+        self.where[: self.n] = self.where[: self.n][order]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+@dataclass
+class Scan:
+    """What a streaming pass over the files found (the decisions went to `consume`)."""
+
+    files: list[DatasetFile]
+    records: int = 0
+    decisions: int = 0
+    orphan_events: int = 0
+    duplicate_ids: int = 0
+
+
+_LINE_BITS = 40  # `where` = file index << 40 | line: a trillion lines per file
+
+
+def scan_dataset(
+    paths: Iterable[str],
+    consume: Any,
+    *,
+    full: bool = False,
+    problems: list[Problem] | None = None,
+    on_bytes: Any = None,
+) -> Scan:
+    """Stream every decision, folded, to `consume` (a `Decision` when `full`, else a
+    `Brief`), in file order, first copy of each id only -- what `read_dataset` returns,
+    without holding it.
+
+    Two passes over each JSONL file: the first parses only lines holding ``"event"`` and
+    keeps the score events (few: one per rating or late reward), the second parses every
+    line and folds a decision's events into it as it goes by. Memory is the events, the
+    `SeenIds` fingerprints (16 B per decision) and one line; JSON-list files are read
+    whole (see `_read_file`). Problems are raised or collected as in `read_dataset`;
+    `on_bytes(n)` is told of bytes read in both passes (2x the files' size in all)."""
+    sink = _Sink(problems)
+    files = _discover(paths, sink)
+    # Pass 1: events, silently (pass 2 reports every problem, in line order).
+    events: dict[str, list[Event]] = {}
+    in_order: list[Event] = []
+    for path in files:
+        try:
+            _, items = _read_file(path, _Sink([]), digest=False, on_bytes=on_bytes, only=b'"event"')
+        except DataError:
+            continue  # reported by pass 2
+        for line, obj in items:
+            if isinstance(obj, dict) and "event" in obj:
+                with contextlib.suppress(DataError):
+                    ev = normalize(obj, str(path), line)
+                    if isinstance(ev, Event):
+                        events.setdefault(ev.decision_id, []).append(ev)
+                        in_order.append(ev)
+    # Pass 2: records.
+    scan = Scan([])
+    # At most one record per 20 bytes of input (a record line is longer).
+    seen = SeenIds(capacity=sum(_size(p) for p in files) // 20 + 1)
+    matched: set[str] = set()
+    for index, path in enumerate(files):
+        try:
+            info, items = _read_file(path, sink, digest=False, on_bytes=on_bytes)
+        except DataError as exc:
+            sink.error(exc)
+            continue
+        scan.files.append(info)
+        spath = str(path)
+        for line, obj in items:
+            fast = None
+            if not full and type(obj) is dict and "event" not in obj:
+                fast = _fast_brief(obj)
+                if fast is not None and fast[0] in events:
+                    fast = None  # scores to fold: take the full path
+            if fast is not None:
+                did, item = fast
+            else:
+                try:
+                    d = normalize(obj, spath, line)
+                except DataError as exc:
+                    sink.error(exc)
+                    continue
+                if isinstance(d, Event):
+                    info.events += 1
+                    continue
+                did = d.decision_id
+            info.records += 1
+            scan.records += 1
+            first = seen.add(did, index << _LINE_BITS | line)
+            if first is not None:
+                scan.duplicate_ids += 1
+                if sink.collecting:
+                    at = f"{files[first >> _LINE_BITS]}:{first & ((1 << _LINE_BITS) - 1)}"
+                    sink.warn(
+                        Problem.warning(
+                            f"repeats decision {did!r} first read at {at}; this copy is ignored",
+                            spath,
+                            line,
+                            "decision_id",
+                        )
+                    )
+                continue
+            if fast is None:
+                evs = events.get(did)
+                if evs:
+                    fold_events({did: d}, evs)
+                    matched.add(did)
+                item = d if full else brief(d)
+            scan.decisions += 1
+            consume(item)
+    orphaned = [ev for ev in in_order if ev.decision_id not in matched]
+    scan.orphan_events = len(orphaned)
+    for ev in orphaned:
+        where, _, line_text = ev.source.rpartition(":")
+        sink.warn(
+            Problem.warning(
+                f"{ev.kind} event names decision {ev.decision_id!r}, which is not in the "
+                "given files; ignored",
+                where,
+                int(line_text),
+                "decision_id",
+            )
+        )
+    if not sink.collecting:
+        if scan.orphan_events:
+            log.warning(
+                "%d score event(s) name decisions not in the given files; ignored",
+                scan.orphan_events,
+            )
+        if scan.duplicate_ids:
+            log.warning(
+                "%d record(s) repeat an earlier decision_id; the first one is kept",
+                scan.duplicate_ids,
+            )
+    return scan
+
+
 def validate_dataset(paths: Iterable[str]) -> tuple[Dataset, list[Problem]]:
     """Every problem in the given files (errors and warnings) and what could be read."""
     problems: list[Problem] = []
@@ -264,31 +560,144 @@ def read_events(paths: Iterable[Path]) -> list[Event]:
 
 
 def _read_file(
-    path: Path, sink: _Sink | None = None
+    path: Path,
+    sink: _Sink | None = None,
+    *,
+    digest: bool = True,
+    on_bytes: Any = None,
+    only: bytes | None = None,
 ) -> tuple[DatasetFile, Iterator[tuple[int, Any]]]:
     """The file's facts and its `(line, object)` pairs. Parse errors go to `sink` (raised
     when strict); after one, a JSONL file goes on with its next line (lines are
-    independent) while a JSON list stops (the rest cannot be located reliably)."""
+    independent) while a JSON list stops (the rest cannot be located reliably).
+
+    JSONL is streamed line by line (memory: one line), and hashed as it is read, so
+    `DatasetFile.sha256` is filled in once the iterator is exhausted (left empty when
+    `digest` is false: the stats and validate passes don't need it and sha256 costs about
+    a second per 500 MB). A JSON list is read whole: the seed exports it comes from are
+    small, and locating elements needs the text. `on_bytes(n)` is told of bytes read, in
+    steps of about a megabyte (progress bars). With `only`, JSONL lines not holding those
+    bytes are skipped unparsed and bad lines silently (a pre-pass looking for events)."""
     sink = sink or _Sink(None)
     try:
-        raw = path.read_bytes()
+        fh = path.open("rb")
     except OSError as exc:
         raise DataError(f"cannot read: {exc.strerror or exc}", path=str(path)) from None
-    digest = hashlib.sha256(raw).hexdigest()
+    # Peek at the first non-blank line to tell the format (and refuse an empty file)
+    # before anything is yielded, so these errors come from this call as they always did.
+    head: list[bytes] = []
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError("not UTF-8 text", path=str(path), line=line) from None
-    stripped = text.lstrip()
-    if not stripped:
+        for raw in fh:
+            head.append(raw)
+            if raw.strip() and raw.strip() != _BOM:
+                break
+    except OSError as exc:
+        fh.close()
+        raise DataError(f"cannot read: {exc.strerror or exc}", path=str(path)) from None
+    first = b"".join(head).lstrip()
+    if first.startswith(_BOM):
+        first = first[len(_BOM) :].lstrip()
+    if not first:
+        fh.close()
         raise DataError("file is empty", path=str(path))
-    if stripped[0] == "[":
-        return DatasetFile(str(path), digest, "json"), _json_list_items(text, str(path), sink)
-    return DatasetFile(str(path), digest, "jsonl"), _jsonl(text, str(path), sink)
+    if first.startswith(b"["):
+        fh.close()
+        try:
+            raw_all = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read: {exc.strerror or exc}", path=str(path)) from None
+        if on_bytes is not None:
+            on_bytes(len(raw_all))
+        sha = hashlib.sha256(raw_all).hexdigest() if digest else ""
+        try:
+            text = raw_all.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = raw_all[: exc.start].count(b"\n") + 1
+            raise DataError("not UTF-8 text", path=str(path), line=line) from None
+        return DatasetFile(str(path), sha, "json"), _json_list_items(text, str(path), sink)
+    info = DatasetFile(str(path), "", "jsonl")
+    return info, _jsonl_stream(fh, head, info, sink, digest=digest, on_bytes=on_bytes, only=only)
 
 
+_BOM = b"\xef\xbb\xbf"
+_decode = json.JSONDecoder().decode  # json.loads minus a call and its argument checks
 TORN_LINE = "skipped a torn last line (no newline at the end: its write was cut short)"
+_PROGRESS_STEP = 1 << 20
+
+
+def _jsonl_stream(
+    fh: Any,
+    head: list[bytes],
+    info: DatasetFile,
+    sink: _Sink,
+    *,
+    digest: bool = True,
+    on_bytes: Any = None,
+    only: bytes | None = None,
+) -> Iterator[tuple[int, Any]]:
+    """`(line, object)` for each non-blank line of an open JSONL file (`head`: the lines
+    already read from it). With `only`, lines not holding those bytes are not parsed and
+    no problem is reported (a pre-pass looking for events)."""
+    import itertools
+
+    path = info.path
+    hasher = hashlib.sha256() if digest else None
+    pending = 0
+    with fh:
+        # Lines split at b"\n" only (bytes iteration), like split("\n") on the text: JSON
+        # strings may hold raw U+2028, U+0085 and the like.
+        for lineno, raw in enumerate(itertools.chain(head, fh), start=1):
+            if hasher is not None:
+                hasher.update(raw)
+            if on_bytes is not None:
+                pending += len(raw)
+                if pending >= _PROGRESS_STEP:
+                    on_bytes(pending)
+                    pending = 0
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+            if only is not None and only not in raw:
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                if only is None:
+                    # The whole file is suspect (another encoding): stop reading it.
+                    sink.error(DataError("not UTF-8 text", path=path, line=lineno))
+                return
+            if not line.strip():
+                continue
+            try:
+                obj = _decode(line)
+            except json.JSONDecodeError as exc:
+                if only is not None:
+                    continue
+                # Writers end every line with "\n" in one write, so an unparsable last
+                # line without one is a write cut short (a crash, or a file still being
+                # written): skip it, loudly.
+                if not raw.endswith(b"\n"):
+                    if sink.collecting:
+                        sink.warn(Problem.warning(TORN_LINE, path, lineno))
+                    else:
+                        log.warning("%s:%d: %s", path, lineno, TORN_LINE)
+                    continue
+                sink.error(
+                    DataError(
+                        f"invalid JSON ({exc.msg}, column {exc.colno})", path=path, line=lineno
+                    )
+                )
+                continue
+            except (RecursionError, ValueError) as exc:  # too deep; an over-long integer
+                if only is None:
+                    sink.error(
+                        DataError(f"invalid JSON ({_json_problem(exc)})", path=path, line=lineno)
+                    )
+                continue
+            yield lineno, obj
+    if on_bytes is not None and pending:
+        on_bytes(pending)
+    if hasher is not None:
+        info.sha256 = hasher.hexdigest()
 
 
 def _json_list_items(text: str, path: str, sink: _Sink) -> Iterator[tuple[int, Any]]:
@@ -296,35 +705,6 @@ def _json_list_items(text: str, path: str, sink: _Sink) -> Iterator[tuple[int, A
         yield from _json_list(text, path)
     except DataError as exc:
         sink.error(exc)
-
-
-def _jsonl(text: str, path: str, sink: _Sink | None = None) -> Iterator[tuple[int, Any]]:
-    sink = sink or _Sink(None)
-    # split("\n"), not splitlines(): JSON strings may hold raw U+2028, U+0085 and the like.
-    lines = text.split("\n")
-    # Writers end every line with "\n" in one write, so an unparsable last line without
-    # one is a write cut short (a crash, or a file still being written): skip it, loudly.
-    torn = len(lines) if lines[-1].strip() else 0
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if lineno == torn:
-                if sink.collecting:
-                    sink.warn(Problem.warning(TORN_LINE, path, lineno))
-                else:
-                    log.warning("%s:%d: %s", path, lineno, TORN_LINE)
-                return
-            sink.error(
-                DataError(f"invalid JSON ({exc.msg}, column {exc.colno})", path=path, line=lineno)
-            )
-            continue
-        except (RecursionError, ValueError) as exc:  # too deep; an over-long integer
-            sink.error(DataError(f"invalid JSON ({_json_problem(exc)})", path=path, line=lineno))
-            continue
-        yield lineno, obj
 
 
 def _json_problem(exc: BaseException) -> str:
