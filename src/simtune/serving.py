@@ -92,6 +92,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from simtune.aio_thread import LoopThread
 from simtune.errors import ConfigError, ModelError, SimtuneError
 
 if TYPE_CHECKING:
@@ -1324,8 +1325,13 @@ class Server:
         self._key = self.api_key.encode() if self.api_key else None
         self.shutdown_timeout = shutdown_timeout
         self._runner: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        # A thread of its own, or the foreground until a signal (shared with the proxy).
+        self._lifecycle = LoopThread(
+            self._startup,
+            self._shutdown,
+            name="simtune-serve",
+            join_timeout=self.shutdown_timeout + 30,
+        )
         self._created = int(time.time())
 
     @property
@@ -1372,39 +1378,13 @@ class Server:
             self._runner = None
 
     def start(self) -> Server:
-        """Serve in a background thread; returns once listening."""
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._startup())
-            except BaseException as exc:  # handed to the caller of start()
-                errors.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._shutdown())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="simtune-serve", daemon=True)
-        self._thread.start()
-        ready.wait(60)
-        if errors:
-            self._thread.join()
-            self._loop = self._thread = None
-            raise errors[0]
+        """Serve in a background thread; returns once listening (`port` is then set)."""
+        self._lifecycle.start()
         return self
 
     def stop(self) -> None:
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(self.shutdown_timeout + 30)
-            self._loop = self._thread = None
+        """Stop serving (requests in flight get `shutdown_timeout` to finish)."""
+        self._lifecycle.stop()
 
     def __enter__(self) -> Server:
         return self.start()
@@ -1414,26 +1394,7 @@ class Server:
 
     def serve_forever(self) -> None:
         """Serve in this thread until SIGINT or SIGTERM, then shut down cleanly."""
-        asyncio.run(self._serve_until_signal())
-
-    async def _serve_until_signal(self) -> None:
-        await self._startup()
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-                pass
-        try:
-            await stop.wait()
-            log.info("stopping")
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self._shutdown()
+        self._lifecycle.run_until_signal("stopping")
 
     # --- requests -----------------------------------------------------------------------
 

@@ -93,19 +93,17 @@ inserting the id field rather than re-encoding; see ``bench/proxy_overhead.py``.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
 import json
 import logging
 import os
-import signal
-import threading
 import time
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from simtune.aio_thread import LoopThread
 from simtune.decisions.schema import finite_number
 from simtune.decisions.writer import (
     CREDIT_RULES,
@@ -494,8 +492,13 @@ class RecordingProxy:
         self._upstream_urls: dict[str, Any] = {}
         self._session: ClientSession | None = None
         self._runner: Any = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        # A thread of its own, or the foreground until a signal (shared with the server).
+        self._lifecycle = LoopThread(
+            self._startup,
+            self._shutdown,
+            name="simtune-proxy",
+            join_timeout=self.shutdown_timeout + 30,
+        )
         self._unrecordable_warned = False
         self._serving = False
 
@@ -594,39 +597,12 @@ class RecordingProxy:
 
     def start(self) -> RecordingProxy:
         """Serve in a background thread; returns once listening (`port` is then set)."""
-        ready = threading.Event()
-        errors: list[BaseException] = []
-
-        def serve() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            try:
-                loop.run_until_complete(self._startup())
-            except BaseException as exc:  # handed to the caller of start()
-                errors.append(exc)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(self._shutdown())
-            loop.close()
-
-        self._thread = threading.Thread(target=serve, name="simtune-proxy", daemon=True)
-        self._thread.start()
-        ready.wait(60)
-        if errors:
-            self._thread.join()
-            self._loop = self._thread = None
-            raise errors[0]
+        self._lifecycle.start()
         return self
 
     def stop(self) -> None:
-        """Stop serving (calls in flight get `shutdown_timeout` to finish); close the log."""
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(self.shutdown_timeout + 30)
-            self._loop = self._thread = None
+        """Stop serving (calls in flight get `shutdown_timeout` to finish)."""
+        self._lifecycle.stop()
 
     def __enter__(self) -> RecordingProxy:
         return self.start()
@@ -636,26 +612,9 @@ class RecordingProxy:
 
     def serve_forever(self) -> None:
         """Serve in this thread until SIGINT or SIGTERM, then shut down cleanly."""
-        asyncio.run(self._serve_until_signal())
-
-    async def _serve_until_signal(self) -> None:
-        await self._startup()
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, stop.set)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
-                pass
-        try:
-            await stop.wait()
-            log.info("stopping (waiting up to %gs for calls in flight)", self.shutdown_timeout)
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            await self._shutdown()
+        self._lifecycle.run_until_signal(
+            f"stopping (waiting up to {self.shutdown_timeout:g}s for calls in flight)"
+        )
 
     # --- request handling ---------------------------------------------------------------
 
