@@ -92,7 +92,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simtune.aio_thread import LoopThread
+from simtune.aio_http import LoopThread, error_body, error_response
+from simtune.aio_http import Reject as _Reject
 from simtune.errors import ConfigError, ModelError, SimtuneError
 
 if TYPE_CHECKING:
@@ -1128,36 +1129,6 @@ def _first_line(exc: BaseException) -> str:
 # --- the HTTP server ---------------------------------------------------------------------
 
 
-class _Reject(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type_: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = (
-            status,
-            message,
-            param,
-            code,
-            type_,
-        )
-
-
-def _error_response(exc: _Reject) -> web.Response:
-    from aiohttp import web
-
-    from simtune.decisions.proxy import error_body
-
-    return web.json_response(
-        error_body(exc.message, type_=exc.type, param=exc.param, code=exc.code), status=exc.status
-    )
-
-
 def _reject_from(exc: RequestError) -> _Reject:
     kind = "server_error" if exc.status >= 500 else "invalid_request_error"
     return _Reject(exc.status, exc.message, param=exc.param, code=exc.code, type_=kind)
@@ -1419,12 +1390,12 @@ class Server:
                 return self._models(endpoint[len("models/") :] if "/" in endpoint else None)
             raise _Reject(404, f"unknown path {request.path!r}", code="not_found")
         except _Reject as exc:
-            return _error_response(exc)
+            return error_response(exc)
         except RequestError as exc:
-            return _error_response(_reject_from(exc))
+            return error_response(_reject_from(exc))
         except Exception:  # a bug: the client still gets an OpenAI-style answer
             log.exception("server error on %s %s", request.method, request.path)
-            return _error_response(
+            return error_response(
                 _Reject(500, "internal error in simtune serve", type_="server_error")
             )
 
@@ -1573,8 +1544,6 @@ class Server:
         sink: _AsyncSink,
     ) -> web.StreamResponse:
         from aiohttp import web
-
-        from simtune.decisions.proxy import error_body
 
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"

@@ -103,7 +103,8 @@ import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simtune.aio_thread import LoopThread
+from simtune.aio_http import LoopThread, error_body, error_response
+from simtune.aio_http import Reject as _Reject
 from simtune.decisions.schema import finite_number
 from simtune.decisions.writer import (
     CREDIT_RULES,
@@ -159,48 +160,6 @@ _HOP = {
 _REQUEST_DROP = _HOP | {"host", "accept-encoding", "authorization", "expect"}
 _RESPONSE_DROP = _HOP | {"date", "server"}
 _UNRECORDED_PARAMS = {"messages", "prompt", "model", "stream"}
-
-
-class _Reject(Exception):
-    """A request the proxy answers itself with an OpenAI-style error (never forwarded)."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type_: str = "invalid_request_error",
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = (
-            status,
-            message,
-            param,
-            code,
-            type_,
-        )
-
-
-def error_body(
-    message: str,
-    *,
-    type_: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-) -> dict[str, Any]:
-    """The OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def _error_response(exc: _Reject) -> web.Response:
-    from aiohttp import web
-
-    return web.json_response(
-        error_body(exc.message, type_=exc.type, param=exc.param, code=exc.code),
-        status=exc.status,
-    )
 
 
 def upstream_base(url: str) -> str:
@@ -645,10 +604,10 @@ class RecordingProxy:
                 return await self._completion(request, attrs, endpoint)
             return await self._passthrough(request, endpoint)
         except _Reject as exc:
-            return _error_response(exc)
+            return error_response(exc)
         except Exception:  # a bug: the client still gets an OpenAI-style answer
             log.exception("proxy error on %s %s", request.method, request.path)
-            return _error_response(
+            return error_response(
                 _Reject(500, "internal error in the simtune proxy", type_="server_error")
             )
 

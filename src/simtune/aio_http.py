@@ -1,9 +1,12 @@
-"""Run an asyncio server in a background thread, or in the foreground until a signal.
+"""What simtune's OpenAI-compatible HTTP servers share (the recording proxy, `serve`).
 
-Shared by the recording proxy and `simtune serve`: both are aiohttp apps with an async
-`startup()` (bind, open logs) and `shutdown()` (drain calls in flight, close), used
-from tests and Python code as ``with Server(...):`` (a background thread) and from the
-CLI as a blocking process that stops cleanly on SIGINT/SIGTERM.
+- `LoopThread`: both are aiohttp apps with an async ``startup()`` (bind, open logs) and
+  ``shutdown()`` (drain calls in flight, close), used from tests and Python code as
+  ``with Server(...):`` (a background thread) and from the CLI as a blocking process
+  that stops cleanly on SIGINT/SIGTERM.
+- `Reject` / `error_body` / `error_response`: a request answered with OpenAI's error
+  shape ``{"error": {"message", "type", "param", "code"}}``, which the official client
+  turns into its typed exceptions.
 """
 
 from __future__ import annotations
@@ -13,8 +16,52 @@ import logging
 import signal
 import threading
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+class Reject(Exception):
+    """A request the server answers itself with an OpenAI-style error."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = (
+            status,
+            message,
+            param,
+            code,
+            type_,
+        )
+
+
+def error_body(
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """The OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: Reject) -> Any:
+    """`exc` as an aiohttp JSON response with its status."""
+    from aiohttp import web
+
+    return web.json_response(
+        error_body(exc.message, type_=exc.type, param=exc.param, code=exc.code),
+        status=exc.status,
+    )
 
 
 class LoopThread:
