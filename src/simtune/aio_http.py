@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import signal
 import threading
@@ -52,6 +53,19 @@ def error_body(
 ) -> dict[str, Any]:
     """The OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def check_api_key(headers: Any, key: bytes | None, message: str) -> None:
+    """Raise a 401 `Reject` unless `headers` carry `key` (``Authorization: Bearer KEY`` or
+    ``X-Api-Key: KEY``); compared in constant time. No key configured: anything passes."""
+    if key is None:
+        return
+    auth = headers.get("Authorization", "")
+    given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    given = given or headers.get("X-Api-Key", "")
+    # Header text may carry surrogate escapes (undecodable bytes): encode them back.
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), key):
+        raise Reject(401, message, code="invalid_api_key")
 
 
 def error_response(exc: Reject) -> Any:

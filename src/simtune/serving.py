@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
 import json
 import logging
 import os
@@ -92,7 +91,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simtune.aio_http import LoopThread, error_body, error_response
+from simtune.aio_http import LoopThread, check_api_key, error_body, error_response
 from simtune.aio_http import Reject as _Reject
 from simtune.errors import ConfigError, ModelError, SimtuneError
 
@@ -1400,17 +1399,11 @@ class Server:
             )
 
     def _check_key(self, request: web.Request) -> None:
-        if self._key is None:
-            return
-        auth = request.headers.get("Authorization", "")
-        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        given = given or request.headers.get("X-Api-Key", "")
-        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self._key):
-            raise _Reject(
-                401,
-                "missing or wrong API key (send Authorization: Bearer KEY)",
-                code="invalid_api_key",
-            )
+        check_api_key(
+            request.headers,
+            self._key,
+            "missing or wrong API key (send Authorization: Bearer KEY)",
+        )
 
     def _model_card(self, name: str) -> dict[str, Any]:
         s = self.engine.served[name]

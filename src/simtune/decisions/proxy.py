@@ -93,7 +93,6 @@ inserting the id field rather than re-encoding; see ``bench/proxy_overhead.py``.
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 import logging
@@ -103,7 +102,7 @@ import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simtune.aio_http import LoopThread, error_body, error_response
+from simtune.aio_http import LoopThread, check_api_key, error_body, error_response
 from simtune.aio_http import Reject as _Reject
 from simtune.decisions.schema import finite_number
 from simtune.decisions.writer import (
@@ -612,18 +611,11 @@ class RecordingProxy:
             )
 
     def _check_key(self, request: web.Request) -> None:
-        if self._key is None:
-            return
-        auth = request.headers.get("Authorization", "")
-        given = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        given = given or request.headers.get("X-Api-Key", "")
-        # Header text may carry surrogate escapes (undecodable bytes): encode them back.
-        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), self._key):
-            raise _Reject(
-                401,
-                "missing or wrong API key for the simtune proxy (send Authorization: Bearer KEY)",
-                code="invalid_api_key",
-            )
+        check_api_key(
+            request.headers,
+            self._key,
+            "missing or wrong API key for the simtune proxy (send Authorization: Bearer KEY)",
+        )
 
     async def _body(self, request: web.Request) -> bytes:
         from aiohttp import web
