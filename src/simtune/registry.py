@@ -78,6 +78,20 @@ class Registry:
 
         self._update(change)
 
+    def update(self, model_id: str, change: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+        """Apply `change` to one entry in place, under the lock (read-modify-write, so a
+        concurrent add or delete is never lost); returns the updated entry."""
+        check_name(model_id)
+
+        def apply(data: dict[str, Any]) -> dict[str, Any]:
+            for m in data["models"]:
+                if m["model_id"] == model_id:
+                    change(m)
+                    return m
+            raise SimtuneError(f"no model {model_id!r} in {self.path}")
+
+        return self._update(apply)
+
     def list(self) -> list[dict[str, Any]]:
         return list(self._read()["models"])
 

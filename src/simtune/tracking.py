@@ -1,8 +1,28 @@
 """MLflow run lifecycle, metric logging and model registration (DESIGN.md §6).
 
 One run per job. The run is ended honestly: FINISHED, FAILED (any exception) or
-KILLED (Ctrl-C). Metrics are logged asynchronously with their optimizer step, so
-logging never stalls a training step; the queue is flushed before the run ends.
+KILLED (Ctrl-C).
+
+Outages. The tracking server is checked before a job starts (`check_reachable`): a
+server that is down then is a usage error (exit 2) and nothing is written. A server
+that goes away *during* a job never stops the training:
+
+- Metrics are only queued by `Tracker.log_metrics`; a background thread sends them in
+  batches (`MlflowClient.log_batch`). When a send fails the metrics stay queued (in
+  memory: training curves are small, so the queue is not bounded), one warning says
+  so, and the thread retries with exponential backoff (1 s up to 30 s); one more line
+  says when the server answers again. MLflow's own HTTP retries are lowered for the
+  job (unless the user set `MLFLOW_HTTP_REQUEST_*`), so a dead server costs seconds
+  per call, not MLflow's default of minutes.
+- At the end of the job the queue is flushed with a bounded wait. If the server is
+  still unreachable, the model registration, the artifact upload, unsent metrics and
+  the run's final status are deferred: the model is still published locally
+  (`models/<model_id>/` and a `models/registry.json` entry whose "mlflow" field says
+  `"synced": false`), and `<workspace>/outbox/<model_id>.json` records what MLflow is
+  still owed. The job succeeds; a warning names the command that delivers the rest:
+  `simtune sync` (`sync_outbox` below), idempotent and resumable.
+- Only unreachability is deferred: an error from a server that answers (a bad
+  registered-model name, a permission error) still fails the job as before.
 """
 
 from __future__ import annotations
@@ -11,13 +31,17 @@ import contextlib
 import json
 import logging
 import os
+import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from simtune.errors import TrackingError
+from simtune.errors import SimtuneError, TrackingError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +54,55 @@ _SUMMARY_KEYS = {
     "train_loss",
 }
 PARAM_VALUE_LIMIT = 500
+
+OUTBOX_DIR = "outbox"
+# MLflow's limits per log_batch request.
+_METRICS_PER_BATCH = 1000
+_PARAMS_PER_BATCH = 100
+# Longest wait between two attempts of the metric sender while the server is down.
+RETRY_MAX_S = 30.0
+# How long the end of a job waits for queued metrics to reach the server.
+FLUSH_TIMEOUT_S = 15.0
+# MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) keep one call to a dead
+# server busy for minutes; these make it fail in about 3 s (connection refused) and
+# bound a hung server to a few timeouts. Only applied where the user set nothing.
+_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+_http_lock = threading.Lock()
+_http_users = 0
+_http_added: list[str] = []
+_urllib3_log = logging.getLogger("urllib3.connectionpool")
+_urllib3_level = _urllib3_log.level
+
+
+@contextlib.contextmanager
+def bounded_http_retries() -> Iterator[None]:
+    """Lower MLflow's HTTP retry budget while the block runs (MLflow reads the variables
+    on every request). Reference-counted, so overlapping jobs in one process restore
+    the environment only when the last one leaves."""
+    global _http_users
+    with _http_lock:
+        if _http_users == 0:
+            _http_added[:] = [k for k in _HTTP_DEFAULTS if k not in os.environ]
+            for key in _http_added:
+                os.environ[key] = _HTTP_DEFAULTS[key]
+            # urllib3 logs a warning per retried request; during an outage simtune says
+            # it once itself.
+            _urllib3_log.setLevel(max(_urllib3_log.level, logging.ERROR))
+        _http_users += 1
+    try:
+        yield
+    finally:
+        with _http_lock:
+            _http_users -= 1
+            if _http_users == 0:
+                for key in _http_added:
+                    os.environ.pop(key, None)
+                _http_added.clear()
+                _urllib3_log.setLevel(_urllib3_level)
 
 
 def resolve_tracking_uri(explicit: str | None, workspace: Path) -> str:
@@ -58,6 +131,17 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def _unreachable(uri: str) -> str | None:
+    """Why the server at `uri` is down, or None when it answers (or is no server)."""
+    try:
+        check_reachable(uri, timeout=3.0)
+    except TrackingError as exc:
+        text = str(exc)
+        prefix = f"--tracking_uri: cannot reach MLflow server at {uri} ("
+        return text[len(prefix) : -1] if text.startswith(prefix) else text.split(": ", 1)[-1]
+    return None
+
+
 def flat_params(config: dict[str, Any]) -> dict[str, str]:
     out = {}
     for key, value in config.items():
@@ -66,8 +150,106 @@ def flat_params(config: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+class _MetricSender:
+    """Sends queued metrics from a background thread; keeps them while MLflow is down.
+
+    Only this thread (or the caller of `close`, after the thread stopped) removes
+    metrics from the queue, and only after the server accepted them."""
+
+    def __init__(self, client: Any, run_id: str, uri: str) -> None:
+        self.client, self.run_id, self.uri = client, run_id, uri
+        self.down_reason: str | None = None
+        self._queue: list[tuple[str, float, int, int]] = []  # key, value, timestamp ms, step
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._delay = 0.0
+        self._thread = threading.Thread(
+            target=self._loop, name="simtune-mlflow-metrics", daemon=True
+        )
+        self._thread.start()
+
+    def add(self, metrics: dict[str, float], step: int) -> None:
+        stamp = int(time.time() * 1000)
+        with self._lock:
+            self._queue.extend((k, float(v), stamp, int(step)) for k, v in metrics.items())
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.down_reason is None:
+                self._wake.wait()
+            else:
+                # Down: new metrics must not trigger a retry each; wait out the backoff.
+                self._stop.wait(self._delay)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self._send_all()
+
+    def _send_all(self) -> bool:
+        """Send everything queued; False when the server did not take it (kept)."""
+        from mlflow.entities import Metric
+        from mlflow.exceptions import MlflowException
+
+        while True:
+            with self._lock:
+                batch = self._queue[:_METRICS_PER_BATCH]
+            if not batch:
+                return True
+            try:
+                self.client.log_batch(
+                    self.run_id, metrics=[Metric(*m) for m in batch], synchronous=True
+                )
+            except Exception as exc:
+                code = exc.get_http_status_code() if isinstance(exc, MlflowException) else 500
+                if 400 <= code < 500 and code != 429:
+                    # The server answered and refused these values: resending cannot help.
+                    log.error("MLflow refused %d metric(s): %s", len(batch), _first_line(exc))
+                    with self._lock:
+                        del self._queue[: len(batch)]
+                    continue
+                self._failed(exc)
+                return False
+            with self._lock:
+                del self._queue[: len(batch)]  # `add` only appends: the head is this batch
+            if self.down_reason is not None:
+                log.info("MLflow server at %s reachable again; sending buffered metrics", self.uri)
+                self.down_reason = None
+            self._delay = 0.0
+
+    def _failed(self, exc: BaseException) -> None:
+        self._delay = min(max(1.0, self._delay * 2), RETRY_MAX_S)
+        if self.down_reason is None:
+            self.down_reason = _unreachable(self.uri) or _first_line(exc)[:200]
+            with self._lock:
+                queued = len(self._queue)
+            log.warning(
+                "MLflow server at %s unreachable (%s); %d metric(s) buffered, retrying every "
+                "%d-%d s; training continues",
+                self.uri,
+                self.down_reason,
+                queued,
+                1,
+                int(RETRY_MAX_S),
+            )
+
+    def close(self, timeout: float) -> list[tuple[str, float, int, int]]:
+        """Stop the thread, try once more to send what is queued; return what is left."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._send_all()
+        # A thread still stuck in a request (hung server) may deliver its batch later;
+        # a sync then sends those points again, which MLflow stores as duplicates.
+        with self._lock:
+            return list(self._queue)
+
+
 class Tracker:
-    """Owns one MLflow run: start, log, register, end."""
+    """Owns one MLflow run: start, log, register, end (deferring to the outbox in an
+    outage, see the module docstring)."""
 
     def __init__(
         self,
@@ -82,10 +264,29 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = tracking_uri
         self.workspace = workspace
+        self.experiment_name = experiment_name
         self.client = mlflow.MlflowClient(tracking_uri)
-        self.experiment_id = self._experiment(experiment_name)
+        with bounded_http_retries():
+            self.experiment_id = self._experiment(experiment_name)
         self.run_id: str | None = None
         self.resumed = False
+        self.outbox: Path | None = None  # set when the job ended with MLflow owed something
+        self._sender: _MetricSender | None = None
+        self._offline: str | None = None  # why end-of-job calls are being deferred
+        self._params: dict[str, str] = {}
+        self._run_name = ""
+        self._tags: dict[str, str] = {}
+        self._deferred_registration: dict[str, Any] | None = None
+        self._deferred_artifacts: list[dict[str, str]] = []
+
+    @property
+    def synced(self) -> bool:
+        """False once this job had to leave something for `simtune sync`."""
+        return (
+            self.outbox is None
+            and self._deferred_registration is None
+            and not self._deferred_artifacts
+        )
 
     def _experiment(self, name: str) -> str:
         try:
@@ -125,36 +326,110 @@ class Tracker:
         previous = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
         status = "FAILED"
+        self._run_name, self._tags = run_name, dict(tags)
         try:
-            self.resumed = False
-            if resume_run_id and self._reopenable(resume_run_id):
-                run = mlflow.start_run(run_id=resume_run_id)
-                self.resumed = True
-            else:
-                if resume_run_id:
-                    log.warning(
-                        "MLflow run %s of the interrupted job is not in experiment %s of %s; "
-                        "logging the resumed job to a new run",
-                        resume_run_id,
-                        self.experiment_id,
-                        self.uri,
+            with bounded_http_retries():
+                self.resumed = False
+                if resume_run_id and self._reopenable(resume_run_id):
+                    run = mlflow.start_run(run_id=resume_run_id)
+                    self.resumed = True
+                else:
+                    if resume_run_id:
+                        log.warning(
+                            "MLflow run %s of the interrupted job is not in experiment %s of "
+                            "%s; logging the resumed job to a new run",
+                            resume_run_id,
+                            self.experiment_id,
+                            self.uri,
+                        )
+                    run = mlflow.start_run(
+                        experiment_id=self.experiment_id, run_name=run_name, tags=tags
                     )
-                run = mlflow.start_run(
-                    experiment_id=self.experiment_id, run_name=run_name, tags=tags
-                )
-            self.run_id = run.info.run_id
-            try:
-                yield self.run_id
-                status = "FINISHED"
-            except KeyboardInterrupt:
-                status = "KILLED"
-                raise
-            finally:
-                with contextlib.suppress(Exception):
-                    mlflow.flush_async_logging()
-                mlflow.end_run(status=status)
+                self.run_id = run.info.run_id
+                self._sender = _MetricSender(self.client, self.run_id, self.uri)
+                try:
+                    yield self.run_id
+                    status = "FINISHED"
+                except KeyboardInterrupt:
+                    status = "KILLED"
+                    raise
+                finally:
+                    self._end(status)
         finally:
             mlflow.set_tracking_uri(previous)  # None unsets the variable again
+
+    def _end(self, status: str) -> None:
+        """Flush, end the run; whatever the server could not take goes to the outbox."""
+        mlflow = self.mlflow
+        assert self._sender is not None
+        left = self._sender.close(FLUSH_TIMEOUT_S)
+        if status != "FINISHED":
+            # Nothing of an unfinished job may look usable: no deferred registration.
+            self._deferred_registration, self._deferred_artifacts = None, []
+        down = self._offline or self._sender.down_reason
+        with contextlib.suppress(Exception):
+            mlflow.flush_async_logging()
+        ended = False
+        try:
+            # end_run pops the local active run before it calls the server, so even a
+            # failed call leaves no run open in this process.
+            mlflow.end_run(status=status)
+            ended = True
+        except Exception as exc:
+            why = _unreachable(self.uri)
+            if why is None:
+                raise
+            down = down or why
+            log.debug("end_run failed: %s", _first_line(exc))
+        if ended and not left and self.synced:
+            return
+        self._write_outbox(status, ended, left, down or "unknown")
+
+    def _write_outbox(
+        self, status: str, ended: bool, metrics: list[tuple[str, float, int, int]], why: str
+    ) -> None:
+        model_id = self._tags.get("simtune.model_id") or str(self.run_id)
+        path = outbox_path(self.workspace, model_id)
+        record = {
+            "format": 1,
+            "model_id": model_id,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "reason": why,
+            "tracking_uri": self.uri,
+            "experiment_name": self.experiment_name,
+            "experiment_id": self.experiment_id,
+            "run_id": self.run_id,
+            "run_name": self._run_name,
+            "tags": self._tags,
+            "params": self._params,
+            "status": status,
+            "run_ended": ended,
+            "metrics": [list(m) for m in metrics],
+            "artifacts": self._deferred_artifacts,
+            "registration": self._deferred_registration,
+        }
+        from simtune.registry import Registry
+
+        def unsynced(entry: dict[str, Any]) -> None:
+            entry.setdefault("mlflow", {}).update(synced=False, outbox=str(path))
+
+        try:
+            Registry(self.workspace).update(model_id, unsynced)
+            record["published"] = True
+        except SimtuneError:  # no entry: the job failed, nothing was published
+            record["published"] = False
+        write_json_atomic(path, record)
+        self.outbox = path
+        log.warning(
+            "MLflow server at %s unreachable (%s): run %s%s is kept locally in %s; send it "
+            "with `simtune sync --workspace %s` once the server is back",
+            self.uri,
+            why,
+            self.run_id,
+            "" if self._deferred_registration is None else " and its model registration",
+            path,
+            self.workspace,
+        )
 
     def _reopenable(self, run_id: str) -> bool:
         try:
@@ -164,7 +439,9 @@ class Tracker:
         return info.experiment_id == self.experiment_id and info.lifecycle_stage == "active"
 
     def log_params(self, params: dict[str, Any]) -> None:
-        self.mlflow.log_params(flat_params(params))
+        flat = flat_params(params)
+        self._params.update(flat)  # a sync that must recreate the run logs them again
+        self.mlflow.log_params(flat)
 
     def log_dataset(self, stats: dict[str, Any]) -> None:
         numeric = {
@@ -174,26 +451,65 @@ class Tracker:
         }
         numeric.update({f"dataset/dropped_{k}": float(v) for k, v in stats["dropped"].items()})
         self.mlflow.log_metrics(numeric, step=0)
-        self.mlflow.log_params(
-            {
-                "dataset.files": flat_params({"f": [Path(f["path"]).name for f in stats["files"]]})[
-                    "f"
-                ],
-                "dataset.sha256": flat_params({"h": [f["sha256"][:16] for f in stats["files"]]})[
-                    "h"
-                ],
-            }
-        )
+        names = [Path(f["path"]).name for f in stats["files"]]
+        hashes = [f["sha256"][:16] for f in stats["files"]]
+        extra = flat_params({"dataset.files": names, "dataset.sha256": hashes})
+        self._params.update(extra)
+        self.mlflow.log_params(extra)
         self.mlflow.log_dict(stats, "dataset_stats.json")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.mlflow.log_metrics(metrics, step=step, synchronous=False)
+        """Queue metrics for the sender thread: never waits for MLflow."""
+        if self._sender is None:
+            raise RuntimeError("log_metrics outside Tracker.run")
+        self._sender.add(metrics, step)
         if self.on_step is not None:
             with contextlib.suppress(Exception):  # a progress display must never fail a job
                 self.on_step(int(step))
 
+    def log_final_metrics(self, metrics: dict[str, float]) -> None:
+        """The job's summary metrics (`final/<name>`), queued like the curves."""
+        if self._sender is None:
+            raise RuntimeError("log_final_metrics outside Tracker.run")
+        self._sender.add({f"final/{k}": v for k, v in metrics.items()}, 0)
+
+    def _defer(self, what: str, exc: BaseException) -> bool:
+        """True (and offline from now on) when `exc` came from an unreachable server."""
+        if self._offline is None:
+            why = _unreachable(self.uri)
+            if why is None:
+                return False
+            self._offline = why
+            log.warning(
+                "MLflow server at %s unreachable (%s) at the end of the job: %s deferred; "
+                "the model is kept locally",
+                self.uri,
+                why,
+                what,
+            )
+            log.debug("deferred after: %s", _first_line(exc))
+        return True
+
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
-        self.mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)
+        if self._offline is None:
+            try:
+                self.mlflow.log_artifacts(str(local_dir), artifact_path=artifact_path)
+                return
+            except Exception as exc:
+                if not self._defer("artifact upload", exc):
+                    raise
+        self._deferred_artifacts.append(
+            {"local_dir": str(local_dir), "artifact_path": artifact_path or ""}
+        )
+
+    def moved(self, old: Path, new: Path) -> None:
+        """The adapter left its staging dir: deferred uploads follow it."""
+        old_s, new_s = str(old), str(new)
+        for item in self._deferred_artifacts:
+            if item["local_dir"] == old_s:
+                item["local_dir"] = new_s
+        if self._deferred_registration and self._deferred_registration["adapter_dir"] == old_s:
+            self._deferred_registration["adapter_dir"] = new_s
 
     def register(
         self,
@@ -206,27 +522,25 @@ class Tracker:
         task: str = "generate",
         extra_config: dict[str, Any] | None = None,
     ) -> tuple[str, str]:
-        """Log the adapter as a pyfunc model and register it; returns (version, model_uri)."""
-        info = self.mlflow.pyfunc.log_model(
-            name="model",
-            # Models-from-code: MLflow copies this file instead of pickling an object.
-            python_model=str(Path(__file__).with_name("pyfunc.py")),
-            artifacts={"adapter": str(adapter_dir)},
-            model_config={
-                "base_model": base_model,
-                "base_model_is_local": base_is_local,
-                "task": task,
-                **(extra_config or {}),
-            },
-            # Explicit requirements: inferring them would load the model in a subprocess.
-            pip_requirements=_requirements(),
-            registered_model_name=name,
-            await_registration_for=60,
-        )
-        version = str(info.registered_model_version)
-        for key, value in tags.items():
-            self.client.set_model_version_tag(name, version, key, value)
-        return version, f"models:/{name}/{version}"
+        """Log the adapter as a pyfunc model and register it; returns (version, model_uri),
+        or ("", "") when the server is unreachable and the registration is deferred."""
+        request = {
+            "adapter_dir": str(adapter_dir),
+            "name": name,
+            "base_model": base_model,
+            "base_is_local": base_is_local,
+            "tags": dict(tags),
+            "task": task,
+            "extra_config": dict(extra_config or {}),
+        }
+        if self._offline is None:
+            try:
+                return log_registered_model(self.mlflow, self.client, **request)
+            except Exception as exc:
+                if not self._defer("model registration", exc):
+                    raise
+        self._deferred_registration = {**request, "version": "", "model_uri": ""}
+        return "", ""
 
     def metrics_callback(self) -> Any:
         """A transformers TrainerCallback that sends each log to this run with its step."""
@@ -254,6 +568,278 @@ class Tracker:
                     tracker.log_metrics(summary, step=state.global_step)
 
         return MlflowStepLogger()
+
+
+def log_registered_model(
+    mlflow: Any,
+    client: Any,
+    *,
+    adapter_dir: str,
+    name: str,
+    base_model: str,
+    base_is_local: bool,
+    tags: dict[str, str],
+    task: str,
+    extra_config: dict[str, Any],
+) -> tuple[str, str]:
+    """Log an adapter as a pyfunc model in the active run and register it."""
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        # Models-from-code: MLflow copies this file instead of pickling an object.
+        python_model=str(Path(__file__).with_name("pyfunc.py")),
+        artifacts={"adapter": str(adapter_dir)},
+        model_config={
+            "base_model": base_model,
+            "base_model_is_local": base_is_local,
+            "task": task,
+            **extra_config,
+        },
+        # Explicit requirements: inferring them would load the model in a subprocess.
+        pip_requirements=_requirements(),
+        registered_model_name=name,
+        await_registration_for=60,
+    )
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return version, f"models:/{name}/{version}"
+
+
+# --- the outbox and `simtune sync` ------------------------------------------------------
+
+
+def outbox_path(workspace: Path, model_id: str) -> Path:
+    from simtune.registry import check_name
+
+    return Path(workspace) / OUTBOX_DIR / f"{check_name(model_id)}.json"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Temp file in the same directory, fsync, rename: readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def pending_syncs(workspace: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The outbox records of a workspace, oldest first."""
+    out = []
+    for path in sorted((Path(workspace) / OUTBOX_DIR).glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SimtuneError(f"{path}: unreadable outbox record ({exc})") from None
+        out.append((path, record))
+    return sorted(out, key=lambda item: str(item[1].get("created_at", "")))
+
+
+def sync_outbox(
+    workspace: Path, tracking_uri: str | None = None, *, lock_timeout: float = 0.0
+) -> list[dict[str, Any]]:
+    """Send every outbox record of `workspace` to MLflow (`simtune sync`).
+
+    Per record: reopen its run (or, when that run is not on the server, create one in
+    its experiment and log the saved params), log the buffered metrics, register the
+    model, upload the adapter artifacts, update the registry entry (synced), end the run
+    with the job's status, delete the record. Each finished step is written back to the
+    record first, so an interrupted sync resumes without registering twice. Raises
+    TrackingError, before touching a record, when its server does not answer. Returns
+    one result dict per record ({"model_id", "status": "synced"|"locked"|"failed", ...}).
+    """
+    from filelock import FileLock, Timeout
+
+    results = []
+    for path, record in pending_syncs(workspace):
+        uri = tracking_uri or record["tracking_uri"]
+        check_reachable(uri)
+        lock = FileLock(str(path) + ".lock", timeout=lock_timeout)
+        try:
+            lock.acquire()
+        except Timeout:
+            results.append({"model_id": record["model_id"], "status": "locked"})
+            continue
+        try:
+            if not path.is_file():  # another sync finished it meanwhile
+                continue
+            record = json.loads(path.read_text(encoding="utf-8"))
+            try:
+                results.append(_sync_one(Path(workspace), path, record, uri))
+            except Exception as exc:
+                if isinstance(exc, TrackingError) or _unreachable(uri):
+                    raise TrackingError(
+                        f"MLflow server at {uri} went away while syncing "
+                        f"{record['model_id']}; progress is saved in {path}, run "
+                        "`simtune sync` again"
+                    ) from None
+                log.error("sync of %s failed: %s", record["model_id"], _first_line(exc))
+                results.append(
+                    {
+                        "model_id": record["model_id"],
+                        "status": "failed",
+                        "error": _first_line(exc),
+                    }
+                )
+        finally:
+            lock.release()
+            Path(lock.lock_file).unlink(missing_ok=True)
+    return results
+
+
+def _sync_one(workspace: Path, path: Path, rec: dict[str, Any], uri: str) -> dict[str, Any]:
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    client = mlflow.MlflowClient(uri)
+
+    def save() -> None:
+        write_json_atomic(path, rec)
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # log_model is fluent API only
+    try:
+        with bounded_http_retries():
+            run_id = rec.get("synced_run_id") or rec["run_id"]
+            if not _run_exists(client, run_id):
+                exp = client.get_experiment_by_name(rec["experiment_name"])
+                exp_id = (
+                    exp.experiment_id if exp else client.create_experiment(rec["experiment_name"])
+                )
+                if exp is not None and exp.lifecycle_stage == "deleted":
+                    client.restore_experiment(exp_id)
+                run_id = client.create_run(
+                    exp_id, run_name=rec.get("run_name") or None, tags=rec.get("tags") or {}
+                ).info.run_id
+                params = [Param(k, str(v)) for k, v in (rec.get("params") or {}).items()]
+                for i in range(0, len(params), _PARAMS_PER_BATCH):
+                    client.log_batch(run_id, params=params[i : i + _PARAMS_PER_BATCH])
+                log.warning(
+                    "run %s is not on %s: created run %s for %s (its earlier history stays "
+                    "where it was)",
+                    rec["run_id"],
+                    uri,
+                    run_id,
+                    rec["model_id"],
+                )
+                rec["synced_run_id"] = run_id
+                rec["run_ended"] = False
+                save()
+
+            while rec["metrics"]:
+                batch = rec["metrics"][:_METRICS_PER_BATCH]
+                client.log_batch(run_id, metrics=[Metric(*m) for m in batch], synchronous=True)
+                rec["metrics"] = rec["metrics"][len(batch) :]
+                save()
+
+            reg = rec.get("registration")
+            if reg and not reg.get("version"):
+                reg["version"], reg["model_uri"] = _register_once(mlflow, client, run_id, reg)
+                save()
+
+            model_dir = reg["adapter_dir"] if reg else None
+            if rec["artifacts"]:
+                model_dir = rec["artifacts"][0]["local_dir"]
+            if model_dir and rec.get("published"):
+                _update_model_meta(Path(model_dir) / "simtune.json", rec, run_id, uri)
+            while rec["artifacts"]:
+                item = rec["artifacts"][0]
+                client.log_artifacts(run_id, item["local_dir"], item["artifact_path"] or None)
+                rec["artifacts"] = rec["artifacts"][1:]
+                save()
+
+            if rec.get("published") and not rec.get("registry_done"):
+                _update_registry(workspace, rec, run_id, uri)
+                rec["registry_done"] = True
+                save()
+
+            client.set_terminated(run_id, rec["status"])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    path.unlink()
+    log.info("synced %s to %s (run %s)", rec["model_id"], uri, run_id)
+    return {
+        "model_id": rec["model_id"],
+        "status": "synced",
+        "run_id": run_id,
+        "run_status": rec["status"],
+        "registered_model_name": reg["name"] if reg else "",
+        "registered_model_version": reg["version"] if reg else "",
+        "model_uri": reg["model_uri"] if reg else "",
+    }
+
+
+def _run_exists(client: Any, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException as exc:
+        if exc.get_http_status_code() == 404 or "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
+            return False
+        raise
+
+
+def _register_once(mlflow: Any, client: Any, run_id: str, reg: dict[str, Any]) -> tuple[str, str]:
+    """Register the deferred model, unless an interrupted sync already did (a version of
+    that name from this run exists)."""
+    found = client.search_model_versions(f"name='{reg['name']}' and run_id='{run_id}'")
+    if found:
+        version = str(max(int(v.version) for v in found))
+        for key, value in reg["tags"].items():
+            client.set_model_version_tag(reg["name"], version, key, value)
+        return version, f"models:/{reg['name']}/{version}"
+    request = {k: reg[k] for k in ("adapter_dir", "name", "base_model", "base_is_local", "tags")}
+    request.update(task=reg["task"], extra_config=reg["extra_config"])
+    mlflow.start_run(run_id=run_id)  # log_model logs into the active run
+    try:
+        return log_registered_model(mlflow, client, **request)
+    finally:
+        # Pops the local run; the final status is set once everything else is there.
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status="RUNNING")
+
+
+def _mlflow_fields(rec: dict[str, Any], run_id: str, uri: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {"tracking_uri": uri, "run_id": run_id, "synced": True}
+    reg = rec.get("registration")
+    if reg:  # else the job registered its model itself before the server went away
+        fields.update(registered_model_version=reg["version"], model_uri=reg["model_uri"])
+    return fields
+
+
+def _update_model_meta(meta_path: Path, rec: dict[str, Any], run_id: str, uri: str) -> None:
+    """simtune.json in the model dir (uploaded as an artifact next) gets the version."""
+    if not meta_path.is_file():
+        return
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta.setdefault("mlflow", {}).update(_mlflow_fields(rec, run_id, uri))
+    meta["mlflow"].pop("outbox", None)
+    write_json_atomic(meta_path, meta)
+
+
+def _update_registry(workspace: Path, rec: dict[str, Any], run_id: str, uri: str) -> None:
+    from simtune.registry import Registry
+
+    def synced(entry: dict[str, Any]) -> None:
+        entry.setdefault("mlflow", {}).update(_mlflow_fields(rec, run_id, uri))
+        entry["mlflow"].pop("outbox", None)
+
+    try:
+        Registry(workspace).update(rec["model_id"], synced)
+    except SimtuneError:
+        log.warning(
+            "%s is no longer in %s (deleted?); synced to MLflow only",
+            rec["model_id"],
+            Registry(workspace).path,
+        )
 
 
 def _requirements() -> list[str]:
