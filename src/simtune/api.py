@@ -56,6 +56,10 @@ class TuningResult:
     model_uri: str
     metrics: dict[str, float] = field(default_factory=dict)
     dataset: dict[str, Any] = field(default_factory=dict)
+    synced: bool = True
+    """False when the MLflow server was unreachable at the end of the job: the model is
+    published locally and `simtune sync` sends the registration (version and model_uri
+    are "" until then) and anything else MLflow is owed."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -86,50 +90,57 @@ def run_tuning(
         cfg = build_config(overrides=options, base=config)
     else:
         cfg = build_config(config, options)
-    if cfg.devices is not None:
+    if cfg.distributed():
+        from simtune.launch import is_worker, launch
+
+        if not is_worker():
+            # Everything that can fail on the user's input fails here, in one process
+            # and with exit 2, before several processes start loading a model.
+            _check_inputs(cfg, cfg.workspace_path())
+            return launch(cfg)
+    if cfg.devices is not None and "LOCAL_RANK" not in os.environ:
         # Must happen before torch initialises CUDA (torch is imported lazily below).
+        # A launched worker inherits the launcher's setting and picks its own device.
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.devices
     workspace = cfg.workspace_path()
+    dist = _Distributed.start()
 
     # --- 1. inputs, cheapest first --------------------------------------------------
-    from simtune.decisions.reader import describe, read_dataset, select
-    from simtune.training.model import resolve_model
-
-    dataset = read_dataset(cfg.dataset_path)
-    selection = select(
-        dataset.decisions,
-        min_rating=cfg.min_rating,
-        min_reward=cfg.min_reward,
-        agent_types=cfg.agent_types,
-        max_samples=cfg.max_samples,
-    )
-    if not selection.decisions:
-        dropped = ", ".join(f"{k}: {v}" for k, v in selection.dropped.items() if v) or "none"
-        where = dataset.files[0].path if len(dataset.files) == 1 else f"{len(dataset.files)} files"
-        raise DataError(
-            f"no usable records ({len(dataset.decisions)} read; dropped by filters: {dropped})",
-            path=where,
-        )
-    stats = describe(dataset, selection)
-    spec = resolve_model(cfg.llm_path or "", workspace)
-
-    job, checkpoint = _find_resume(cfg, workspace)
+    stats, selection, spec, job, checkpoint, final_dir, tracking_uri = _check_inputs(cfg, workspace)
     model_id = str(job["model_id"]) if job else new_model_id(cfg.tuning_mode, spec.base_name)
-    final_dir = (
-        Path(cfg.output_dir).resolve() if cfg.output_dir else workspace / "models" / model_id
-    )
+    # Every process must train into the same job dir (checkpoints, resume): rank 0's id.
+    model_id = dist.broadcast(model_id)
+    if final_dir is None:
+        final_dir = workspace / "models" / model_id
     if final_dir.exists():
         raise ConfigError(f"--output_dir: {final_dir} already exists; choose another")
-
-    from simtune.tracking import Tracker, check_reachable, resolve_tracking_uri
-
-    tracking_uri = resolve_tracking_uri(cfg.tracking_uri, workspace)
-    check_reachable(tracking_uri)
 
     from simtune.training.model import load_tokenizer
 
     tokenizer = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
     prepared = _prepare(cfg, selection.decisions, tokenizer, stats)
+
+    job_dir = workspace / JOBS_DIR / model_id
+    if not dist.is_main:
+        # Ranks > 0 train their share and leave every write (run, checkpoints, model,
+        # registry) to rank 0.
+        metrics = _train(
+            cfg, prepared, spec, tokenizer, job_dir, None, _NoTracker(), checkpoint, dist
+        )
+        return TuningResult(
+            model_id=model_id,
+            adapter_path="",
+            run_id="",
+            experiment_id="",
+            tracking_uri=tracking_uri,
+            registered_model_name="",
+            registered_model_version="",
+            model_uri="",
+            metrics=metrics,
+            dataset=stats,
+        )
+
+    from simtune.tracking import Tracker
 
     tracker = Tracker(tracking_uri, cfg.experiment_name, workspace, on_step=progress)
     registered_name = cfg.registered_model_name or f"{cfg.experiment_name}-{cfg.tuning_mode}"
@@ -141,7 +152,6 @@ def run_tuning(
         "simtune.tuning_mode": cfg.tuning_mode,
         "simtune.base_model": spec.base,
     }
-    job_dir = workspace / JOBS_DIR / model_id
     published = False
     finished = False
     version = ""
@@ -158,7 +168,7 @@ def run_tuning(
             if checkpoint is not None:
                 log.info("resuming %s from %s", model_id, checkpoint)
             metrics = _train(
-                cfg, prepared, spec, tokenizer, job_dir, adapter_dir, tracker, checkpoint
+                cfg, prepared, spec, tokenizer, job_dir, adapter_dir, tracker, checkpoint, dist
             )
             tokenizer.save_pretrained(str(adapter_dir))
 
@@ -192,14 +202,18 @@ def run_tuning(
                     "registered_model_name": registered_name,
                     "registered_model_version": version,
                     "model_uri": model_uri,
+                    # False: the server went away; `simtune sync` sends the rest later
+                    # (the tracker flips this too if the end of the run fails).
+                    "synced": bool(version),
                 },
             }
             (adapter_dir / "simtune.json").write_text(json.dumps(meta, indent=2, default=str))
             tracker.log_artifacts(adapter_dir, "adapter")
-            tracker.mlflow.log_metrics({f"final/{k}": v for k, v in metrics.items()})
+            tracker.log_final_metrics(metrics)
 
             final_dir.parent.mkdir(parents=True, exist_ok=True)
             os.replace(adapter_dir, final_dir)
+            tracker.moved(adapter_dir, final_dir)
             published = True
             _registry_add(workspace, meta, final_dir)
             finished = True
@@ -221,7 +235,7 @@ def run_tuning(
         with contextlib.suppress(OSError):  # `jobs/` itself only while it holds a job
             job_dir.parent.rmdir()
 
-    return TuningResult(
+    result = TuningResult(
         model_id=model_id,
         adapter_path=str(final_dir),
         run_id=run_id,
@@ -232,7 +246,112 @@ def run_tuning(
         model_uri=model_uri,
         metrics=metrics,
         dataset=stats,
+        synced=tracker.synced,
     )
+    from simtune.launch import write_result
+
+    write_result(result)  # a no-op unless this process was launched by `launch`
+    return result
+
+
+def _check_inputs(cfg: TuningConfig, workspace: Path) -> tuple[Any, ...]:
+    """Every check on the user's input that needs no model weights, cheapest first:
+    dataset, filters, model path, resume target, output dir, tracking server. Returns
+    (stats, selection, model spec, job to resume, its checkpoint, output dir or None
+    for the default one, tracking URI)."""
+    from simtune.decisions.reader import describe, read_dataset, select
+    from simtune.tracking import check_reachable, resolve_tracking_uri
+    from simtune.training.model import resolve_model
+
+    dataset = read_dataset(cfg.dataset_path)
+    selection = select(
+        dataset.decisions,
+        min_rating=cfg.min_rating,
+        min_reward=cfg.min_reward,
+        agent_types=cfg.agent_types,
+        max_samples=cfg.max_samples,
+    )
+    if not selection.decisions:
+        dropped = ", ".join(f"{k}: {v}" for k, v in selection.dropped.items() if v) or "none"
+        where = dataset.files[0].path if len(dataset.files) == 1 else f"{len(dataset.files)} files"
+        raise DataError(
+            f"no usable records ({len(dataset.decisions)} read; dropped by filters: {dropped})",
+            path=where,
+        )
+    stats = describe(dataset, selection)
+    spec = resolve_model(cfg.llm_path or "", workspace)
+    if cfg.deepspeed:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("--deepspeed: the deepspeed package is not installed")
+    job, checkpoint = _find_resume(cfg, workspace)
+    final_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else None
+    if final_dir is not None and final_dir.exists():
+        raise ConfigError(f"--output_dir: {final_dir} already exists; choose another")
+    tracking_uri = resolve_tracking_uri(cfg.tracking_uri, workspace)
+    check_reachable(tracking_uri)
+    return stats, selection, spec, job, checkpoint, final_dir, tracking_uri
+
+
+class _Distributed:
+    """This process's place in a data-parallel job (world 1 when it is alone)."""
+
+    def __init__(self, world: int, rank: int, device: Any = None) -> None:
+        self.world, self.rank, self.device = world, rank, device
+        self.is_main = rank == 0
+
+    @classmethod
+    def start(cls) -> _Distributed:
+        from simtune.launch import rank, world_size
+
+        if world_size() == 1:
+            return cls(1, 0)
+        # accelerate's PartialState sets up torch.distributed the way the Trainer and
+        # Accelerator will then reuse it: NCCL on GPUs, gloo on CPU. Without a GPU it
+        # must be told to use the CPU, or each process silently trains alone; the
+        # variable tells the Trainer and PPO's Accelerator the same.
+        import torch
+        from accelerate import PartialState
+
+        cpu = not torch.cuda.is_available()
+        if cpu:
+            os.environ["ACCELERATE_USE_CPU"] = "true"
+        state = PartialState(cpu=cpu)
+        return cls(world_size(), rank(), state.device)
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value`, on every rank."""
+        if self.world == 1:
+            return value
+        import torch.distributed as tdist
+
+        box = [value]
+        tdist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank (one tiny all-reduce)."""
+        if self.world == 1:
+            return flag
+        import torch
+        import torch.distributed as tdist
+
+        t = torch.tensor([1 if flag else 0], device=self.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+class _NoTracker:
+    """What ranks > 0 log to: nothing (rank 0 logs the job's metrics)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def metrics_callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        return TrainerCallback()
 
 
 def _prepare(cfg: TuningConfig, decisions: list[Any], tokenizer: Any, stats: dict[str, Any]) -> Any:
@@ -270,15 +389,17 @@ def _train(
     spec: Any,
     tokenizer: Any,
     job_dir: Path,
-    adapter_dir: Path,
+    adapter_dir: Path | None,
     tracker: Any,
     checkpoint: Path | None = None,
+    dist: _Distributed | None = None,
 ) -> dict[str, float]:
-    """Run the mode's recipe and save its adapter to `adapter_dir`; returns final metrics.
+    """Run the mode's recipe and save its adapter to `adapter_dir` (None: don't, as on
+    ranks > 0); returns final metrics.
 
     Checkpoints go to `job_dir/checkpoints`; `checkpoint` is the one to resume from.
     Raises KeyboardInterrupt after the checkpoint a SIGTERM/Ctrl-C asked for is saved."""
-    with _stop_on_signal() as stop:
+    with _stop_on_signal(dist.any if dist is not None and dist.world > 1 else None) as stop:
         metrics = _train_mode(
             cfg, prepared, spec, tokenizer, job_dir, adapter_dir, tracker, checkpoint, stop
         )
@@ -291,7 +412,7 @@ def _train_mode(
     spec: Any,
     tokenizer: Any,
     job_dir: Path,
-    adapter_dir: Path,
+    adapter_dir: Path | None,
     tracker: Any,
     checkpoint: Path | None,
     stop: _StopRequest,
@@ -313,7 +434,8 @@ def _train_mode(
             should_stop=stop,
         )
         stop.raise_if_requested()
-        trained.save_pretrained(str(adapter_dir), safe_serialization=True)
+        if adapter_dir is not None:
+            trained.save_pretrained(str(adapter_dir), safe_serialization=True)
         return metrics
     model = load_model(
         spec,
@@ -336,7 +458,8 @@ def _train_mode(
             should_stop=stop,
         )
         stop.raise_if_requested()
-        trained.save_pretrained(str(adapter_dir), safe_serialization=True)
+        if adapter_dir is not None:
+            trained.save_pretrained(str(adapter_dir), safe_serialization=True)
         return metrics
     from simtune.training.ppo import save_value_head, train_ppo
 
@@ -354,8 +477,9 @@ def _train_mode(
         should_stop=stop,
     )
     stop.raise_if_requested()
-    trained.save_pretrained(str(adapter_dir), safe_serialization=True)
-    save_value_head(v_head, adapter_dir)
+    if adapter_dir is not None:
+        trained.save_pretrained(str(adapter_dir), safe_serialization=True)
+        save_value_head(v_head, adapter_dir)
     return metrics
 
 
@@ -365,12 +489,20 @@ JOB_FILE = "job.json"
 
 class _StopRequest:
     """Set by the first SIGTERM/SIGINT during training; the trainers poll it (calling it)
-    at step ends and save a checkpoint before they stop."""
+    at step ends and save a checkpoint before they stop.
 
-    def __init__(self) -> None:
+    In a job of several processes, `sync` makes every process see the request at the
+    same step (a process that steps past it would wait forever for its peers at the
+    next collective); it is then called on every process at every step end."""
+
+    def __init__(self, sync: Callable[[bool], bool] | None = None) -> None:
         self.signum: int | None = None
+        self.sync = sync
 
     def __call__(self) -> bool:
+        asked = self.signum is not None
+        if self.sync is not None and self.sync(asked) and not asked:
+            self.signum = int(signal.SIGTERM)  # a peer process was signalled
         return self.signum is not None
 
     def raise_if_requested(self) -> None:
@@ -379,11 +511,11 @@ class _StopRequest:
 
 
 @contextlib.contextmanager
-def _stop_on_signal() -> Iterator[_StopRequest]:
+def _stop_on_signal(sync: Callable[[bool], bool] | None = None) -> Iterator[_StopRequest]:
     """Turn SIGTERM/SIGINT into a stop request for the duration of training, instead of
     an exception raised wherever the interpreter happens to be (mid optimizer step,
     mid checkpoint write). A second signal raises at once: the user insists."""
-    stop = _StopRequest()
+    stop = _StopRequest(sync)
     if threading.current_thread() is not threading.main_thread():
         yield stop  # signal handlers can only be set from the main thread
         return

@@ -135,9 +135,9 @@ def build_parser() -> Parser:
     )
     k.add_argument("dir", help="output directory")
 
-    from simtune.commands import collect, data, demo, evaluate, serve, sims
+    from simtune.commands import collect, data, demo, evaluate, serve, sims, sync
 
-    for group in (collect, data, sims, serve, evaluate, demo):
+    for group in (collect, data, sims, serve, evaluate, demo, sync):
         group.register(sub)
     return p
 
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
         return handler(args)
     except SimtuneError as exc:
-        fail(str(exc))
+        fail(str(exc), getattr(exc, "exit_code", EXIT_USAGE))
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except Exception as exc:
@@ -208,6 +208,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = run_tuning(args.config, **options)
     else:
         result = run_tuning(args.config, **options)
+    from simtune.launch import is_worker
+
+    if is_worker():
+        return 0  # one of several training processes: the launching one reports
+    if result is None:
+        return 0  # a node other than the master of a multi-node job
     if args.json:
         sys.stdout.write(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     else:
@@ -219,18 +225,31 @@ def _print_result(result: Any, workspace: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="simtune: model trained, tracked and registered", show_header=False)
+    synced = getattr(result, "synced", True)
+    title = "model trained, tracked and registered"
+    if not synced:
+        title = "model trained and saved locally; NOT yet in MLflow (server unreachable)"
+    table = Table(title=f"simtune: {title}", show_header=False)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     table.add_row("model id", result.model_id)
     table.add_row("adapter", result.adapter_path)
     table.add_row("final train loss", f"{result.metrics.get('train_loss', float('nan')):.4f}")
     table.add_row("MLflow run", f"{result.run_id}  ({result.tracking_uri})")
-    table.add_row(
-        "registered model",
-        f"{result.registered_model_name} v{result.registered_model_version}"
-        f"  (load: mlflow.pyfunc.load_model('{result.model_uri}'))",
-    )
+    if synced:
+        table.add_row(
+            "registered model",
+            f"{result.registered_model_name} v{result.registered_model_version}"
+            f"  (load: mlflow.pyfunc.load_model('{result.model_uri}'))",
+        )
+    else:
+        table.add_row(
+            "registered model",
+            f"{result.registered_model_name}: pending; when the server is back run "
+            "`simtune sync`"
+            + (f" --workspace {workspace}" if workspace else "")
+            + " (see the warning above)",
+        )
     ui = "simtune ui" + (f" --workspace {workspace}" if workspace else "")
     if result.tracking_uri.startswith("http"):
         ui = f"open {result.tracking_uri}"

@@ -83,6 +83,37 @@ class TuningConfig:
     """Allow model repositories to run their own Python code (off: only trust what you
     read)."""
 
+    # --- several processes (data-parallel) ---------------------------------------------
+    nproc: int | None = None
+    """Training processes on this node, data-parallel through torchrun (default: one
+    per --devices entry, else 1). The global batch is per_device_train_batch_size x
+    processes x gradient_accumulation_steps. Without a GPU the processes use the gloo
+    backend on CPU. Only rank 0 logs to MLflow, writes the model and registers it."""
+
+    nnodes: int = 1
+    """Nodes taking part (torchrun --nnodes): run the same command on every node, each
+    with its own --node_rank and the same --master_addr/--master_port and workspace."""
+
+    node_rank: int = 0
+    """This node's rank among --nnodes (torchrun --node_rank); 0 is the master."""
+
+    master_addr: str = "127.0.0.1"
+    """Address of the node with --node_rank 0 (torchrun --master_addr)."""
+
+    master_port: int = 0
+    """Rendezvous port on the master node (torchrun --master_port; 0: a free port on a
+    single node, 29500 with several nodes)."""
+
+    accelerate_config: str | None = None
+    """Launch with `accelerate launch --config_file FILE` instead of torchrun, so the
+    file's settings (DeepSpeed, FSDP, mixed precision, num_processes) apply to
+    SFT, reward-model training and PPO alike."""
+
+    deepspeed: str | None = None
+    """DeepSpeed JSON config for SFT and reward-model training (the Hugging Face
+    Trainer's --deepspeed; needs the deepspeed package). For PPO put DeepSpeed in an
+    --accelerate_config instead."""
+
     # --- data ------------------------------------------------------------------------
     min_rating: float | None = None
     """Keep only decisions rated at least this (unrated decisions are dropped when set)."""
@@ -352,11 +383,52 @@ class TuningConfig:
                 raise ConfigError(
                     f"--devices: expected GPU indices like '0' or '0,1', got {self.devices!r}"
                 )
+        self._check_launch()
         for name in ("experiment_name", "registered_model_name", "run_name"):
             value = getattr(self, name)
             if value is not None and not str(value).strip():
                 raise ConfigError(f"--{name}: must not be empty")
         return self
+
+    def _check_launch(self) -> None:
+        devices = self.devices.split(",") if self.devices else []
+        if self.nproc is not None and self.nproc < 1:
+            raise ConfigError(f"--nproc: must be >= 1, got {self.nproc!r}")
+        if self.nproc is not None and len(devices) > 1 and self.nproc != len(devices):
+            raise ConfigError(
+                f"--nproc {self.nproc} does not match --devices {self.devices!r} "
+                f"({len(devices)} devices: one process each)"
+            )
+        if self.nnodes < 1:
+            raise ConfigError(f"--nnodes: must be >= 1, got {self.nnodes!r}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(
+                f"--node_rank: must be in [0, --nnodes), got {self.node_rank!r} "
+                f"with --nnodes {self.nnodes}"
+            )
+        if not 0 <= self.master_port <= 65535:
+            raise ConfigError(f"--master_port: must be a port number, got {self.master_port!r}")
+        if not str(self.master_addr).strip():
+            raise ConfigError("--master_addr: must not be empty")
+        for name in ("accelerate_config", "deepspeed"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).expanduser().is_file():
+                raise ConfigError(f"--{name}: {value} is not a file")
+        if self.deepspeed and self.tuning_mode == "ppo":
+            raise ConfigError(
+                "--deepspeed applies to SFT and reward-model training; for PPO put the "
+                "DeepSpeed settings in an --accelerate_config file"
+            )
+
+    def processes(self) -> int:
+        """Processes on this node: --nproc, else one per --devices entry, else 1."""
+        if self.nproc is not None:
+            return self.nproc
+        return len(self.devices.split(",")) if self.devices else 1
+
+    def distributed(self) -> bool:
+        """Whether this job runs as several processes (launched by simtune)."""
+        return self.processes() > 1 or self.nnodes > 1 or self.accelerate_config is not None
 
     def workspace_path(self) -> Path:
         return Path(self.workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()).resolve()

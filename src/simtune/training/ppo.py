@@ -4,7 +4,7 @@ TRL >= 1.0 has no PPO that trains from a fixed log of (prompt, response, reward)
 is what simulations produce, so simtune owns this compact one (maths in ppo_math.py).
 
 Algorithm, per rollout batch of B = per_device_train_batch_size x
-gradient_accumulation_steps x num_mini_batches samples:
+gradient_accumulation_steps x num_mini_batches x processes samples:
 
 1. Rollout. *Offline*: the action is the logged `output`, its score the logged
    reward (else rating) normalised over the dataset (`--score_normalization`).
@@ -38,12 +38,18 @@ Deliberate simplifications (each is a cost we chose to pay, not an oversight):
   accumulation the weighting of tokens differs slightly from one big batch.
 - The value head reads hidden states from `output_hidden_states=True`, which keeps all
   layers' hidden states for the step (cheap next to the activations autograd keeps).
-- Multi-GPU runs data-parallel through accelerate; every process does its own
-  rollouts on its share of the data, and KL control uses process-local statistics.
+- Several processes run data-parallel through accelerate (DDP): each one rolls out
+  and scores its contiguous share of the batch, then the rollout tensors are gathered
+  so advantages, whitening, KL control and logged statistics are those of the whole
+  batch, identical on every process. Each process then takes every P-th micro-batch of
+  each minibatch. The result equals one process with gradient_accumulation_steps x P
+  (same samples, same micro-batches) up to floating-point reduction order; the price
+  is that every process holds the gathered batch's tensors (small next to a model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -248,18 +254,22 @@ def train_ppo(
 
     from simtune.training import ppo_math as pm
 
-    set_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
     accelerator = Accelerator(
         mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
     )
+    # torch's RNG per process (online sampling must differ between processes; rank 0's
+    # LoRA init is what DDP broadcasts); the sample order, from `rng`, is shared.
+    set_seed(cfg.seed, device_specific=True)
+    rng = random.Random(cfg.seed)
+    world, rank = accelerator.num_processes, accelerator.process_index
     policy = make_policy(model, cfg)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
     module = _PolicyAndValue.build(policy, adapter_dir)
     micro = cfg.per_device_train_batch_size
-    mini = micro * cfg.gradient_accumulation_steps
-    batch = mini * cfg.num_mini_batches
+    mini = micro * cfg.gradient_accumulation_steps * world  # samples per optimizer step
+    batch = mini * cfg.num_mini_batches  # samples per rollout, all processes together
+    share = batch // world
     n_rollouts = (
         cfg.max_steps
         if cfg.max_steps > 0
@@ -303,6 +313,8 @@ def train_ppo(
                 order = list(range(len(samples)))
                 rng.shuffle(order)
             picked.append(samples[order.pop()])
+        # Every process drew the same `picked` (same `rng`); each rolls out its share.
+        picked = picked[rank * share : (rank + 1) * share]
         queries = [s.query for s in picked]
         if cfg.rollout == "offline":
             responses = [s.response for s in picked]
@@ -326,6 +338,10 @@ def train_ppo(
         with torch.no_grad():
             old_logp, old_values, _ = module(ids, att)
             ref_logp, _, _ = module(ids, att, reference=True)
+            if world > 1:
+                ids, att, mask, old_logp, old_values, ref_logp, score_t = _gather_batch(
+                    accelerator, pad_id, ids, att, mask, old_logp, old_values, ref_logp, score_t
+                )
             rewards, kl = pm.compute_rewards(
                 score_t, old_logp, ref_logp, mask, kl_ctl.value, cfg.kl_estimator
             )
@@ -351,18 +367,24 @@ def train_ppo(
             )
             for start in range(0, batch, mini):
                 mb = perm[start : start + mini]
-                for m0 in range(0, len(mb), micro):
+                # This process's micro-batches: every world-th of the minibatch's.
+                mine = list(range(rank * micro, mini, world * micro))
+                for i, m0 in enumerate(mine):
                     idx = mb[m0 : m0 + micro].to(device)
-                    logp, values, entropy = module(ids[idx], att[idx])
-                    m = mask[idx]
-                    pg, clipfrac, approx_kl = pm.policy_loss(
-                        logp, old_logp[idx], adv[idx], m, cfg.cliprange
-                    )
-                    vf, vclip = pm.value_loss(
-                        values, old_values[idx], returns[idx], m, cfg.cliprange_value
-                    )
-                    loss = (pg + cfg.vf_coef * vf) / cfg.gradient_accumulation_steps
-                    accelerator.backward(loss)
+                    last = i == len(mine) - 1
+                    # DDP all-reduces gradients on the last micro-batch only.
+                    sync = contextlib.nullcontext() if last else accelerator.no_sync(module)
+                    with sync:
+                        logp, values, entropy = module(ids[idx], att[idx])
+                        m = mask[idx]
+                        pg, clipfrac, approx_kl = pm.policy_loss(
+                            logp, old_logp[idx], adv[idx], m, cfg.cliprange
+                        )
+                        vf, vclip = pm.value_loss(
+                            values, old_values[idx], returns[idx], m, cfg.cliprange_value
+                        )
+                        loss = (pg + cfg.vf_coef * vf) / cfg.gradient_accumulation_steps
+                        accelerator.backward(loss)
                     for k, v in (
                         ("policy_loss", pg),
                         ("value_loss", vf),
@@ -378,6 +400,10 @@ def train_ppo(
                 optimizer.zero_grad(set_to_none=True)
 
         # --- 5. KL control and logging ---------------------------------------------
+        losses = {k: sum(v) / len(v) for k, v in stats.items()}
+        if world > 1:  # every process ran as many micro-batches: the mean of means
+            means = accelerator.reduce(torch.tensor(list(losses.values()), device=device), "mean")
+            losses = dict(zip(losses, means.tolist(), strict=True))
         seq_kl = float((kl * mask).sum(dim=1).mean())
         kl_ctl.update(seq_kl, batch)
         record = {
@@ -388,7 +414,7 @@ def train_ppo(
             "ppo/returns_mean": float(pm.masked_mean(returns, mask)),
             "ppo/response_length": float(mask.sum(dim=1).mean()),
             "train/learning_rate": float(scheduler.get_last_lr()[0]),
-            **{f"ppo/{k}": sum(v) / len(v) for k, v in stats.items()},
+            **{f"ppo/{k}": v for k, v in losses.items()},
         }
         history.append(record)
         if accelerator.is_main_process and (step % cfg.logging_steps == 0 or step == n_rollouts):
@@ -432,6 +458,19 @@ def train_ppo(
         "value_loss_last": last["ppo/value_loss"],
     }
     return metrics, accelerator.unwrap_model(module).policy, inner.v_head
+
+
+def _gather_batch(accelerator: Any, pad_id: int, *tensors: Any) -> list[Any]:
+    """Each process's rollout share -> the whole batch, in rank order, on every process.
+    Shares are right-padded to the widest one first (ids with the pad token, the rest
+    with 0, which the attention mask and the response mask both ignore)."""
+    ids, *rest = tensors
+    out = [accelerator.gather(accelerator.pad_across_processes(ids, dim=1, pad_index=pad_id))]
+    for t in rest:
+        if t.dim() > 1:
+            t = accelerator.pad_across_processes(t, dim=1, pad_index=0)
+        out.append(accelerator.gather(t.contiguous()))
+    return out
 
 
 PPO_STATE_FILE = "ppo_state.json"

@@ -303,6 +303,10 @@ def training_arguments(args_cls: type, cfg: TuningConfig, output_dir: Path, **ex
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        **({"deepspeed": cfg.deepspeed} if cfg.deepspeed else {}),
+        # LoRA (and a reward head) use every trainable parameter in every forward;
+        # DDP's search for unused ones would only cost a graph traversal per step.
+        ddp_find_unused_parameters=False,
         **extra,
     )
 
