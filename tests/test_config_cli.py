@@ -481,3 +481,11 @@ def test_null_or_non_finite_values_name_the_flag(key, value, flag):
     overrides = {"llm_path": "m", "dataset_path": ["d"], key: value}
     with pytest.raises(ConfigError, match=flag):
         build_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("flag", ["--learning_rat", "--max_step", "--lora"])
+def test_abbreviated_flags_are_rejected_not_guessed(flag: str) -> None:
+    """argparse would take `--learning_rat 1` as --learning_rate 1 and train with it."""
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["train", "--llm_path", "m", flag, "1"])
+    assert exc.value.code == 2

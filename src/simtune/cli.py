@@ -33,7 +33,13 @@ GROUPS = {
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line (and exit code 2)."""
+    """argparse that reports a usage error in one line (and exit code 2), and takes no
+    abbreviated flags: `--learning_rat 1` must be an error, not a learning rate of 1
+    (YAML keys are matched exactly too)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
