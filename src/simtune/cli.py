@@ -289,7 +289,9 @@ def cmd_models(args: argparse.Namespace) -> int:
                 e.get("tuning_mode", ""),
                 Path(e.get("base_model", "")).name,
                 "" if loss is None else f"{loss:.4f}",
-                f"{ml.get('registered_model_name', '')} v{ml.get('registered_model_version', '')}",
+                f"{ml.get('registered_model_name', '')} v{ml.get('registered_model_version', '')}"
+                if ml.get("synced", True)
+                else "not yet synced (simtune sync)",
                 e.get("created_at", "")[:19],
             )
         console.print(table)
