@@ -29,7 +29,6 @@ import re
 import secrets
 import shutil
 import signal
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -515,10 +514,9 @@ def _stop_on_signal(sync: Callable[[bool], bool] | None = None) -> Iterator[_Sto
     """Turn SIGTERM/SIGINT into a stop request for the duration of training, instead of
     an exception raised wherever the interpreter happens to be (mid optimizer step,
     mid checkpoint write). A second signal raises at once: the user insists."""
+    from simtune.signals import on_stop_signals
+
     stop = _StopRequest(sync)
-    if threading.current_thread() is not threading.main_thread():
-        yield stop  # signal handlers can only be set from the main thread
-        return
 
     def handler(signum: int, frame: Any) -> None:
         if stop.signum is not None:
@@ -530,15 +528,8 @@ def _stop_on_signal(sync: Callable[[bool], bool] | None = None) -> Iterator[_Sto
             signum,
         )
 
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in previous:
-        signal.signal(s, handler)
-    try:
+    with on_stop_signals(handler):
         yield stop
-    finally:
-        for s, h in previous.items():
-            if h is not None:  # None: set outside Python; cannot be restored
-                signal.signal(s, h)
 
 
 def _job_match(cfg: TuningConfig) -> dict[str, Any]:

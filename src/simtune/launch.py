@@ -29,13 +29,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from simtune.config import TuningConfig
 from simtune.errors import SimtuneError
+from simtune.signals import on_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +166,8 @@ def _forward_signals(proc: subprocess.Popen) -> Any:
     def stopped() -> bool:
         return count[0] > 0
 
-    if threading.current_thread() is not threading.main_thread():
-        yield stopped
-        return
-
     def handler(signum: int, frame: Any) -> None:
         count[0] += 1
-        sig = signal.SIGTERM if count[0] == 1 else signal.SIGKILL
         if count[0] == 1:
             log.warning(
                 "signal %d: asking the training processes to checkpoint and stop "
@@ -181,19 +175,10 @@ def _forward_signals(proc: subprocess.Popen) -> Any:
                 signum,
             )
         with contextlib.suppress(ProcessLookupError):
-            if sig == signal.SIGKILL:
-                os.killpg(proc.pid, sig)
+            if count[0] == 1:
+                proc.send_signal(signal.SIGTERM)
             else:
-                proc.send_signal(sig)
+                os.killpg(proc.pid, signal.SIGKILL)
 
-    previous: dict[int, Callable[..., Any] | int | None] = {
-        s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)
-    }
-    for s in previous:
-        signal.signal(s, handler)
-    try:
+    with on_stop_signals(handler):
         yield stopped
-    finally:
-        for s, h in previous.items():
-            if h is not None:
-                signal.signal(s, h)
