@@ -223,16 +223,24 @@ def test_launch_command_passes_node_options_through(tmp_path):
     assert cmd[-5:] == ["-m", "simtune", "train", "--config", str(tmp_path / "job.yaml")]
 
 
-def test_sigterm_checkpoints_all_processes_then_resume_finishes(tiny_model, tmp_path):
+@pytest.mark.parametrize(
+    ("mode", "steps", "curve"), [("sft", 200, "train/loss"), ("ppo", 60, "ppo/kl")]
+)
+def test_sigterm_checkpoints_all_processes_then_resume_finishes(
+    mode, steps, curve, tiny_model, tmp_path
+):
     """SIGTERM to the launching process: every process stops at the same step, rank 0
-    saves the checkpoint, the run is KILLED, exit 130; --resume with 2 processes reaches
-    the same final step in the same run, FINISHED."""
+    saves the checkpoint (PPO: with value head and KL controller), the run is KILLED,
+    exit 130; --resume with 2 processes (each loading that checkpoint) reaches the same
+    final step in the same run, FINISHED."""
     import mlflow
 
     ws = tmp_path / "ws"
     args = [
         str(Path(sys.executable).with_name("simtune")),
         "train",
+        "--tuning_mode",
+        mode,
         "--llm_path",
         str(tiny_model),
         "--dataset_path",
@@ -242,7 +250,7 @@ def test_sigterm_checkpoints_all_processes_then_resume_finishes(tiny_model, tmp_
         "--per_device_train_batch_size",
         "2",
         "--max_steps",
-        "400",
+        str(steps),
         "--logging_steps",
         "1",
         "--nproc",
@@ -258,7 +266,7 @@ def test_sigterm_checkpoints_all_processes_then_resume_finishes(tiny_model, tmp_
         if not (ws / "mlflow.db").exists() or not (ws / "jobs").exists():
             continue
         runs = mlflow.MlflowClient(uri).search_runs(["1"]) if run is None else [run]
-        if runs and mlflow.MlflowClient(uri).get_metric_history(runs[0].info.run_id, "train/loss"):
+        if runs and mlflow.MlflowClient(uri).get_metric_history(runs[0].info.run_id, curve):
             run = runs[0]
             break
     assert run is not None, "the job logged no step in time"
@@ -272,7 +280,7 @@ def test_sigterm_checkpoints_all_processes_then_resume_finishes(tiny_model, tmp_
     checkpoints = list((job_dir / "checkpoints").glob("checkpoint-*"))
     assert checkpoints, err[-3000:]
     stopped_at = int(checkpoints[0].name.split("-")[1])
-    assert 0 < stopped_at < 400
+    assert 0 < stopped_at < steps
     assert not (ws / "models" / "registry.json").exists()
 
     done = subprocess.run(
@@ -281,7 +289,7 @@ def test_sigterm_checkpoints_all_processes_then_resume_finishes(tiny_model, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     assert result["run_id"] == run.info.run_id
-    assert result["metrics"]["global_step"] == 400
+    assert result["metrics"]["global_step"] == steps
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
-    steps = {m.step for m in client.get_metric_history(run.info.run_id, "train/loss")}
-    assert steps == set(range(1, 401))
+    logged = {m.step for m in client.get_metric_history(run.info.run_id, curve)}
+    assert logged == set(range(1, steps + 1))

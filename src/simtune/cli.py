@@ -25,6 +25,7 @@ EXIT_FAILED = 1
 
 GROUPS = {
     "job": ("tuning_mode", "trust_remote_code"),
+    "several processes": ("nproc", "deepspeed"),
     "data": ("min_rating", "agent_types"),
     "optimisation": ("learning_rate", "padding_free"),
     "LoRA": ("lora_r", "lora_target_modules"),
