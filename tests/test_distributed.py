@@ -293,3 +293,13 @@ def test_sigterm_checkpoints_all_processes_then_resume_finishes(
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     logged = {m.step for m in client.get_metric_history(run.info.run_id, curve)}
     assert logged == set(range(1, steps + 1))
+
+
+def test_devices_give_one_process_each():
+    from simtune.config import build_config
+
+    base = {"llm_path": "m", "dataset_path": ["d"]}
+    assert build_config(None, {**base, "devices": "0,1"}).processes() == 2
+    assert build_config(None, {**base, "devices": "0,1"}).distributed()
+    assert not build_config(None, {**base, "devices": "3"}).distributed()
+    assert build_config(None, {**base, "nproc": 3}).processes() == 3
