@@ -109,10 +109,10 @@ def run_tuning(
     model_id = str(job["model_id"]) if job else new_model_id(cfg.tuning_mode, spec.base_name)
     # Every process must train into the same job dir (checkpoints, resume): rank 0's id.
     model_id = dist.broadcast(model_id)
-    if final_dir is None:
+    if final_dir is None:  # --output_dir, when given, was checked with the inputs
         final_dir = workspace / "models" / model_id
-    if final_dir.exists():
-        raise ConfigError(f"--output_dir: {final_dir} already exists; choose another")
+        if final_dir.exists():
+            raise ConfigError(f"--output_dir: {final_dir} already exists; choose another")
 
     from simtune.training.model import load_tokenizer
 
@@ -399,9 +399,16 @@ def _train(
     Checkpoints go to `job_dir/checkpoints`; `checkpoint` is the one to resume from.
     Raises KeyboardInterrupt after the checkpoint a SIGTERM/Ctrl-C asked for is saved."""
     with _stop_on_signal(dist.any if dist is not None and dist.world > 1 else None) as stop:
-        metrics = _train_mode(
-            cfg, prepared, spec, tokenizer, job_dir, adapter_dir, tracker, checkpoint, stop
+        metrics, trained, v_head = _train_mode(
+            cfg, prepared, spec, tokenizer, job_dir, tracker, checkpoint, stop
         )
+        stop.raise_if_requested()
+    if adapter_dir is not None:
+        trained.save_pretrained(str(adapter_dir), safe_serialization=True)
+        if v_head is not None:
+            from simtune.training.ppo import save_value_head
+
+            save_value_head(v_head, adapter_dir)
     return metrics
 
 
@@ -411,11 +418,11 @@ def _train_mode(
     spec: Any,
     tokenizer: Any,
     job_dir: Path,
-    adapter_dir: Path | None,
     tracker: Any,
     checkpoint: Path | None,
     stop: _StopRequest,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], Any, Any]:
+    """The mode's recipe: (final metrics, trained PEFT model, PPO value head or None)."""
     from simtune.training.model import load_model
 
     resume = str(checkpoint) if checkpoint is not None else None
@@ -432,10 +439,7 @@ def _train_mode(
             resume_from=resume,
             should_stop=stop,
         )
-        stop.raise_if_requested()
-        if adapter_dir is not None:
-            trained.save_pretrained(str(adapter_dir), safe_serialization=True)
-        return metrics
+        return metrics, trained, None
     model = load_model(
         spec,
         trainable_adapter=True,
@@ -456,11 +460,8 @@ def _train_mode(
             resume_from=resume,
             should_stop=stop,
         )
-        stop.raise_if_requested()
-        if adapter_dir is not None:
-            trained.save_pretrained(str(adapter_dir), safe_serialization=True)
-        return metrics
-    from simtune.training.ppo import save_value_head, train_ppo
+        return metrics, trained, None
+    from simtune.training.ppo import train_ppo
 
     samples, source = prepared
     metrics, trained, v_head = train_ppo(
@@ -475,11 +476,7 @@ def _train_mode(
         resume_from=checkpoint,
         should_stop=stop,
     )
-    stop.raise_if_requested()
-    if adapter_dir is not None:
-        trained.save_pretrained(str(adapter_dir), safe_serialization=True)
-        save_value_head(v_head, adapter_dir)
-    return metrics
+    return metrics, trained, v_head
 
 
 JOBS_DIR = "jobs"

@@ -18,7 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from simtune.config import TUNING_MODES, TuningConfig, base_type, field_docs, field_types
+from simtune.config import (
+    TUNING_MODES,
+    TuningConfig,
+    base_type,
+    field_docs,
+    field_types,
+    resolve_workspace,
+)
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -85,6 +92,8 @@ def build_parser() -> Parser:
     )
     p.add_argument("--version", action="version", version=_version())
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    from simtune.commands import add_workspace_flag
+
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     t = sub.add_parser(
@@ -102,9 +111,7 @@ def build_parser() -> Parser:
     t.add_argument("--json", action="store_true", help="print the result as JSON")
 
     m = sub.add_parser("models", help="list, show or delete models in the local registry")
-    m.add_argument(
-        "--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)"
-    )
+    add_workspace_flag(m)
     msub = m.add_subparsers(
         dest="models_command", metavar="ACTION", parser_class=Parser, required=True
     )
@@ -117,9 +124,7 @@ def build_parser() -> Parser:
     md.add_argument("--keep-files", action="store_true", help="keep models/<model_id>/ on disk")
 
     u = sub.add_parser("ui", help="open the MLflow UI on the workspace's store")
-    u.add_argument(
-        "--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)"
-    )
+    add_workspace_flag(u)
     u.add_argument(
         "--tracking_uri",
         "--tracking-uri",
@@ -270,7 +275,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     from simtune.registry import Registry
 
-    ws = Path(args.workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd())
+    ws = resolve_workspace(args.workspace)
     reg = Registry(ws)
     console = Console()
     if args.models_command == "list":
@@ -315,7 +320,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    ws = Path(args.workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()).resolve()
+    ws = resolve_workspace(args.workspace)
     store = args.tracking_uri or f"sqlite:///{ws / 'mlflow.db'}"
     url = f"http://{args.host}:{args.port}"
     sys.stderr.write(f"MLflow UI for {store} at {url} (Ctrl-C to stop)\n")

@@ -431,10 +431,16 @@ class TuningConfig:
         return self.processes() > 1 or self.nnodes > 1 or self.accelerate_config is not None
 
     def workspace_path(self) -> Path:
-        return Path(self.workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()).resolve()
+        return resolve_workspace(self.workspace)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def resolve_workspace(workspace: str | os.PathLike[str] | None = None) -> Path:
+    """The workspace root, absolute: `workspace`, else $SIMTUNE_HOME, else the current
+    directory. Every command and API that takes a workspace resolves it here."""
+    return Path(workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()).resolve()
 
 
 @functools.cache

@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from simtune.config import resolve_workspace
 from simtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -754,7 +755,6 @@ def run_loop(
     sections apply to one mode) or, without one, the demo's options for tiny models;
     the loop sets the model, data, workspace and experiment itself.
     """
-    import os
 
     from simtune.config import build_config
 
@@ -769,7 +769,7 @@ def run_loop(
         raise ConfigError(f"--temperature: expected a number >= 0, got {temperature!r}")
     name = resolve_sim(sim)
     rep = reporter or Reporter()
-    ws = Path(workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()).resolve()
+    ws = resolve_workspace(workspace)
     ws.mkdir(parents=True, exist_ok=True)
     uri = embedded_tracking_uri(ws)
     options = {m: _loop_options(config, m) for m in ("sft", "ppo")}

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import secrets
 from collections.abc import Callable, Sequence
@@ -52,6 +51,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from simtune.config import resolve_workspace
 from simtune.decisions.schema import unfence
 from simtune.errors import ConfigError, DataError
 
@@ -215,7 +215,7 @@ def evaluate(
         )
     if judge_model and not judge_url:
         raise ConfigError("--judge_model needs --judge_url")
-    ws = Path(workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()).resolve()
+    ws = resolve_workspace(workspace)
 
     decisions: list[Any] = []
     inputs: dict[str, Any]

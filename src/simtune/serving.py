@@ -93,6 +93,7 @@ from typing import TYPE_CHECKING, Any
 
 from simtune.aio_http import LoopThread, check_api_key, error_body, error_response
 from simtune.aio_http import Reject as _Reject
+from simtune.config import resolve_workspace
 from simtune.errors import ConfigError, ModelError, SimtuneError
 
 if TYPE_CHECKING:
@@ -148,10 +149,6 @@ class RequestError(SimtuneError):
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def _workspace(workspace: str | Path | None) -> Path:
-    return Path(workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()).resolve()
-
-
 def resolve_served(
     spec: str, *, workspace: str | Path | None = None, tracking_uri: str | None = None
 ) -> ServedModel:
@@ -159,7 +156,7 @@ def resolve_served(
     directory (adapter or base model), a local model id (``models/registry.json``), an
     MLflow registered model ``NAME``, ``NAME@VERSION`` or ``NAME@alias`` (its adapter is
     downloaded once into ``<workspace>/models/.mlflow-cache/``; versions never change)."""
-    ws = _workspace(workspace)
+    ws = resolve_workspace(workspace)
     spec = str(spec).strip()
     if not spec:
         raise ConfigError("--model: empty model name")

@@ -12,6 +12,8 @@ import argparse
 import os
 from typing import Any
 
+from simtune.commands import add_listen_flags, add_workspace_flag
+
 PROXY_DESCRIPTION = """\
 Serve an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions,
 /v1/models; streaming included) that forwards every call to --upstream and records
@@ -75,27 +77,7 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="simulation (env) name: decisions go to <workspace>/envs/NAME/datasets/",
     )
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (default: 127.0.0.1, loopback only; anything else "
-        "logs a warning, use --api-key then)",
-    )
-    p.add_argument(
-        "--port",
-        type=int,
-        default=DEFAULT_PORT,
-        help=f"port to listen on (default: {DEFAULT_PORT}; 0 picks a free one)",
-    )
-    p.add_argument(
-        "--api-key",
-        "--api_key",
-        dest="api_key",
-        metavar="KEY",
-        default=os.environ.get("SIMTUNE_PROXY_API_KEY"),
-        help="require this key from clients (Authorization: Bearer KEY), else 401 "
-        "(default: $SIMTUNE_PROXY_API_KEY; none)",
-    )
+    add_listen_flags(p, default_port=DEFAULT_PORT, key_env="SIMTUNE_PROXY_API_KEY")
     p.add_argument(
         "--upstream-api-key",
         "--upstream_api_key",
@@ -105,9 +87,7 @@ def register(sub: Any) -> None:
         help="key sent to the upstream (default: $SIMTUNE_UPSTREAM_API_KEY; without one "
         "the client's Authorization header is forwarded, unless it is --api-key)",
     )
-    p.add_argument(
-        "--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)"
-    )
+    add_workspace_flag(p)
     p.add_argument(
         "--run-id",
         "--run_id",

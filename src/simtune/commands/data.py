@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from simtune.commands import add_workspace_flag
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -53,9 +54,7 @@ def _add_inputs(p: argparse.ArgumentParser) -> None:
         help="dataset files or folders (decisions_*.json[l] inside folders, recursively)",
     )
     g.add_argument("--env", metavar="NAME", help="add <workspace>/envs/NAME/datasets")
-    g.add_argument(
-        "--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)"
-    )
+    add_workspace_flag(g)
 
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
@@ -259,9 +258,10 @@ def dataset_paths(args: argparse.Namespace) -> list[str]:
 
     paths = list(args.paths)
     if args.env:
+        from simtune.config import resolve_workspace
         from simtune.decisions.writer import datasets_dir
 
-        ws = args.workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()
+        ws = resolve_workspace(args.workspace)
         paths.append(str(datasets_dir(ws, args.env)))
     if not paths:
         raise ConfigError("give dataset paths (files or folders) or --env NAME")

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 
@@ -165,7 +164,9 @@ def _library_output(workspace: str | None, debug: bool) -> Iterator[None]:
     if debug:
         yield
         return
-    ws = Path(workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd())
+    from simtune.config import resolve_workspace
+
+    ws = resolve_workspace(workspace)
     ws.mkdir(parents=True, exist_ok=True)
     with (ws / "simtune-output.log").open("a", encoding="utf-8") as fh:
         with contextlib.redirect_stderr(fh):

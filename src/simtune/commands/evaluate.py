@@ -12,6 +12,8 @@ import json
 import sys
 from typing import Any
 
+from simtune.commands import add_workspace_flag, positive_int
+
 DESCRIPTION = """\
 Generate answers with each --model and compare them in one table.
 
@@ -35,16 +37,6 @@ examples:
 # Shown as rates / signed rewards / counts in the table.
 _RATES = ("exact_match", "json_valid", "truncated", "invalid_rate", "expert_agreement")
 _COUNTS = ("num_samples", "json_records", "decisions", "invalid")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def _flag(group: Any, name: str, **kwargs: Any) -> None:
@@ -102,7 +94,7 @@ def register(sub: Any) -> None:
     _flag(
         ds,
         "max_samples",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="evaluate on the first N decisions only",
     )
@@ -114,9 +106,9 @@ def register(sub: Any) -> None:
     )
 
     sm = p.add_argument_group("simulation (with --sim)")
-    _flag(sm, "episodes", type=_positive_int, default=5, metavar="N", help="episodes (default: 5)")
+    _flag(sm, "episodes", type=positive_int, default=5, metavar="N", help="episodes (default: 5)")
     _flag(
-        sm, "steps", type=_positive_int, metavar="S", help="steps per episode (default: the sim's)"
+        sm, "steps", type=positive_int, metavar="S", help="steps per episode (default: the sim's)"
     )
     _flag(
         sm,
@@ -128,7 +120,7 @@ def register(sub: Any) -> None:
     )
 
     gen = p.add_argument_group("generation and serving")
-    _flag(gen, "max_tokens", type=_positive_int, default=128, help="answer cap (default: 128)")
+    _flag(gen, "max_tokens", type=positive_int, default=128, help="answer cap (default: 128)")
     _flag(gen, "temperature", type=float, default=0.0, help="sampling temperature (default: 0)")
     _flag(
         gen,
@@ -142,7 +134,7 @@ def register(sub: Any) -> None:
     _flag(
         gen,
         "batch_size",
-        type=_positive_int,
+        type=positive_int,
         default=8,
         help="prompts generated together (default: 8)",
     )
@@ -154,9 +146,7 @@ def register(sub: Any) -> None:
     )
 
     tr = p.add_argument_group("tracking")
-    tr.add_argument(
-        "--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)"
-    )
+    add_workspace_flag(tr)
     _flag(
         tr,
         "tracking_uri",

@@ -7,8 +7,9 @@ Parsing only; the work is `simtune.serving.serve`, imported when the command run
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
+
+from simtune.commands import add_listen_flags, add_workspace_flag
 
 # Copies of simtune.serving.DEFAULT_PORT and BACKENDS (importing serving here would
 # slow every `simtune --help`; tests/test_serving.py checks they still match).
@@ -57,36 +58,14 @@ def register(sub: Any) -> None:
         metavar="ID|NAME[@VERSION]|PATH",
         help="model to serve (repeat for several adapters on one base)",
     )
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address to listen on (default: 127.0.0.1, loopback only; anything else logs a "
-        "warning, use --api-key then)",
-    )
-    p.add_argument(
-        "--port",
-        type=int,
-        default=DEFAULT_PORT,
-        help=f"port to listen on (default: {DEFAULT_PORT}; 0 picks a free one)",
-    )
-    p.add_argument(
-        "--api-key",
-        "--api_key",
-        dest="api_key",
-        metavar="KEY",
-        default=os.environ.get("SIMTUNE_SERVE_API_KEY"),
-        help="require this key from clients (Authorization: Bearer KEY), else 401 "
-        "(default: $SIMTUNE_SERVE_API_KEY; none)",
-    )
+    add_listen_flags(p, default_port=DEFAULT_PORT, key_env="SIMTUNE_SERVE_API_KEY")
     p.add_argument(
         "--backend",
         choices=BACKENDS,
         default="auto",
         help="auto (default): vllm when installed and a CUDA GPU is present, else transformers",
     )
-    p.add_argument(
-        "--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)"
-    )
+    add_workspace_flag(p)
     p.add_argument(
         "--tracking_uri",
         "--tracking-uri",

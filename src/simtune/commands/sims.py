@@ -11,17 +11,9 @@ import os
 import sys
 from typing import Any
 
+from simtune.commands import add_workspace_flag, positive_int
+
 KEY_ENV = ("SIMTUNE_API_KEY", "OPENAI_API_KEY")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def register(sub: Any) -> None:
@@ -79,16 +71,16 @@ def register(sub: Any) -> None:
     )
     llm.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=4,
         help="simultaneous requests for agents deciding at once (default: 4)",
     )
     r.add_argument(
-        "--episodes", type=_positive_int, default=5, metavar="N", help="episodes (default: 5)"
+        "--episodes", type=positive_int, default=5, metavar="N", help="episodes (default: 5)"
     )
     r.add_argument(
         "--steps",
-        type=_positive_int,
+        type=positive_int,
         metavar="S",
         help="steps per episode (default: the simulation's)",
     )
@@ -101,9 +93,7 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="env name, i.e. the folder envs/<env>/datasets (default: the simulation's name)",
     )
-    r.add_argument(
-        "--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)"
-    )
+    add_workspace_flag(r)
     r.add_argument("--run-id", "--run_id", dest="run_id", help="run id (default: a fresh one)")
     r.add_argument(
         "--credit",

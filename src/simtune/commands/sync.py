@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
+
+from simtune.commands import add_workspace_flag
 
 DESCRIPTION = """\
 When the MLflow server goes away during `simtune train`, training finishes anyway: the
@@ -39,9 +39,7 @@ def register(sub: Any) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--workspace", help="workspace root (default: $SIMTUNE_HOME or the current directory)"
-    )
+    add_workspace_flag(p)
     p.add_argument(
         "--tracking_uri",
         "--tracking-uri",
@@ -53,9 +51,10 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from simtune.config import resolve_workspace
     from simtune.tracking import sync_outbox
 
-    ws = Path(args.workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()).resolve()
+    ws = resolve_workspace(args.workspace)
     results = sync_outbox(ws, args.tracking_uri)
     if args.json:
         sys.stdout.write(json.dumps(results, indent=2) + "\n")

@@ -104,6 +104,7 @@ from typing import TYPE_CHECKING, Any
 
 from simtune.aio_http import LoopThread, check_api_key, error_body, error_response
 from simtune.aio_http import Reject as _Reject
+from simtune.config import resolve_workspace
 from simtune.decisions.schema import finite_number
 from simtune.decisions.writer import (
     CREDIT_RULES,
@@ -440,7 +441,7 @@ class RecordingProxy:
         self.max_body = int(max_body_mb * 1024 * 1024)
         self.timeout, self.max_connections = float(timeout), int(max_connections)
         self.shutdown_timeout = float(shutdown_timeout)
-        root = workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()
+        root = resolve_workspace(workspace)
         self.directory = Path(directory) if directory else datasets_dir(root, self.env_name)
         self.log = DecisionLog(self.directory, fsync=fsync)
         self.decisions = 0  # recorded so far

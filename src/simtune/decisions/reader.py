@@ -223,24 +223,7 @@ def read_dataset(paths: Iterable[str], *, problems: list[Problem] | None = None)
             decisions[item.decision_id] = item
     orphaned: list[Event] = []
     orphans = fold_events(decisions, events, orphaned)
-    for ev in orphaned:
-        where, _, line_text = ev.source.rpartition(":")
-        sink.warn(
-            Problem.warning(
-                f"{ev.kind} event names decision {ev.decision_id!r}, which is not in the "
-                "given files; ignored",
-                where,
-                int(line_text),
-                "decision_id",
-            )
-        )
-    if not sink.collecting:  # a collecting read reports these as warnings, one per line
-        if orphans:
-            log.warning("%d score event(s) name decisions not in the given files; ignored", orphans)
-        if duplicates:
-            log.warning(
-                "%d record(s) repeat an earlier decision_id; the first one is kept", duplicates
-            )
+    _report_leftovers(sink, orphaned, duplicates)
     return Dataset(list(decisions.values()), files, orphans, duplicates)
 
 
@@ -508,6 +491,14 @@ def scan_dataset(
             consume(item)
     orphaned = [ev for ev in in_order if ev.decision_id not in matched]
     scan.orphan_events = len(orphaned)
+    _report_leftovers(sink, orphaned, scan.duplicate_ids)
+    return scan
+
+
+def _report_leftovers(sink: _Sink, orphaned: list[Event], duplicates: int) -> None:
+    """Warn about score events whose decision is not in the files (a collecting read
+    gets one warning per event line) and, in one log line each, about those and
+    repeated decision ids."""
     for ev in orphaned:
         where, _, line_text = ev.source.rpartition(":")
         sink.warn(
@@ -519,18 +510,15 @@ def scan_dataset(
                 "decision_id",
             )
         )
-    if not sink.collecting:
-        if scan.orphan_events:
+    if not sink.collecting:  # a collecting read reports these as warnings, one per line
+        if orphaned:
             log.warning(
-                "%d score event(s) name decisions not in the given files; ignored",
-                scan.orphan_events,
+                "%d score event(s) name decisions not in the given files; ignored", len(orphaned)
             )
-        if scan.duplicate_ids:
+        if duplicates:
             log.warning(
-                "%d record(s) repeat an earlier decision_id; the first one is kept",
-                scan.duplicate_ids,
+                "%d record(s) repeat an earlier decision_id; the first one is kept", duplicates
             )
-    return scan
 
 
 def validate_dataset(paths: Iterable[str]) -> tuple[Dataset, list[Problem]]:

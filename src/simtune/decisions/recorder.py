@@ -69,6 +69,7 @@ from json.encoder import encode_basestring as _quote  # str -> JSON string liter
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+from simtune.config import resolve_workspace
 from simtune.decisions.schema import finite_number
 from simtune.decisions.writer import (
     DecisionLog,
@@ -199,7 +200,7 @@ class Recorder:
         self.run_id = str(run_id) if run_id is not None else new_run_id()
         check_credit(credit, gamma)
         self.credit, self.gamma, self.model = credit, float(gamma), model
-        root = workspace or os.environ.get("SIMTUNE_HOME") or os.getcwd()
+        root = resolve_workspace(workspace)
         self.directory = Path(directory) if directory else datasets_dir(root, self.env_name)
         self.log = DecisionLog(self.directory, fsync=fsync)
         self._episodes = Episodes()
