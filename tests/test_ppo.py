@@ -326,6 +326,7 @@ def test_kl_to_the_base_falls_from_a_perturbed_adapter_when_score_is_zero(
         "--max_steps", "40",
         "--max_new_tokens", "8",
         "--per_device_train_batch_size", "8",
+        timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PPO score mean" in proc.stdout and "KL" in proc.stdout, proc.stdout
