@@ -59,6 +59,23 @@ def _ppo() -> list[Row]:
     ]
 
 
+def _ppo_online() -> list[Row]:
+    m = _load("ppo_online_current")["medians"]
+    rows: list[Row] = []
+    for name, r in m.items():
+        rise = r["after"] - r["before"]
+        rows.append((f"online PPO held-out reward rise, {name}", rise, "> 0", rise > 0))
+    rows.append(
+        (
+            "online PPO ms per step",
+            statistics.median(r["ms_per_step"] for r in m.values()),
+            "",
+            None,
+        )
+    )
+    return rows
+
+
 def _recorder() -> list[Row]:
     s = _load("recorder_overhead")["summary"]["record, fsync=none"]
     return [
@@ -132,6 +149,7 @@ SUITE = [
     Bench("data", "data_scale.py", [], ["--runs", "1", "--records", "300000"], _data),
     Bench("sft", "sft_vs_trl.py", [], ["--runs", "1"], _sft),
     Bench("ppo", "ppo_vs_sft.py", [], ["--runs", "1"], _ppo),
+    Bench("ppo-online", "ppo_online.py", [], ["--runs", "1"], _ppo_online),
     Bench("serve", "serve_throughput.py", [], ["--runs", "1"], _serve),
     Bench("demo", "demo_time.py", [], [], _demo),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from pathlib import Path
 
@@ -121,21 +122,40 @@ def test_offline_ppo_prefers_rewarded_answers_on_held_out_prompts(tiny_model, wo
     assert result.dataset["num_ppo_samples"] == 2 * len(SKILLS)
 
 
+REWARDS = {
+    # name: (source of `reward(completion, **_)`, least rise of the held-out mean)
+    "digits": ("sum(c.isdigit() for c in completion) / max(1, len(completion))", 0.05),
+    "length": ("max(0.0, 1.0 - abs(len(completion) - 12) / 12)", 0.08),
+    "keyword": ("float('on' in completion.lower())", 0.25),
+}
+
+
 def mean_sampled_reward(
-    model_dir: Path, adapter: str | None, prompts: list[str], n: int = 6
+    model_dir: Path, adapter: str | None, prompts: list[str], reward, n: int = 16
 ) -> float:
-    """Mean 'answer contains a digit' reward over n sampled answers per prompt."""
+    """Mean reward of n sampled answers per prompt, sampled independently of simtune:
+    plain generate() at temperature 1 over the whole vocabulary (top_k=0: transformers
+    would otherwise apply its default top_k=50), ending at the tokenizer's EOS."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
     model.eval()
+    gen = GenerationConfig(
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        temperature=1.0,
+        max_new_tokens=8,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(1234)
-    hits = []
+    scores = []
     for prompt in prompts:
         enc = tok.apply_chat_template(
             [{"role": "user", "content": prompt}],
@@ -144,43 +164,56 @@ def mean_sampled_reward(
             return_dict=True,
         )
         with torch.no_grad():
-            out = model.generate(
-                **enc,
-                do_sample=True,
-                max_new_tokens=8,
-                num_return_sequences=n,
-                pad_token_id=tok.pad_token_id,
-            )
-        for row in out[:, enc["input_ids"].shape[1] :]:
-            hits.append(any(c.isdigit() for c in tok.decode(row, skip_special_tokens=True)))
-    return sum(hits) / len(hits)
+            out = model.generate(**enc, generation_config=gen, num_return_sequences=n)
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            if tok.eos_token_id in row:
+                row = row[: row.index(tok.eos_token_id)]
+            scores.append(reward(tok.decode(row, skip_special_tokens=True)))
+    return sum(scores) / len(scores)
 
 
-def test_online_ppo_with_reward_function_raises_reward(tiny_model, workspace, tmp_path):
+@pytest.mark.parametrize("shape", sorted(REWARDS))
+def test_online_ppo_raises_rewards_of_several_shapes_on_held_out_prompts(
+    shape, tiny_model, workspace, tmp_path
+):
+    """Default PPO options plus a learning rate: the mean reward of answers sampled on
+    prompts PPO never saw rises clearly, for a share-like, a target-like and a sparse
+    0/1 reward; KL to the reference stays bounded and the policy's entropy moves."""
+    import mlflow
+
     from simtune import run_tuning
 
-    (tmp_path / "digit_reward.py").write_text(
-        "def reward(prompt, completion, record):\n"
-        "    return float(any(c.isdigit() for c in completion))\n"
-    )
+    source, margin = REWARDS[shape]
+    (tmp_path / "shaped.py").write_text(f"def reward(completion, **_):\n    return {source}\n")
+    reward = eval(f"lambda completion: {source}")  # noqa: S307 (our own literal)
     data = preference_data(tmp_path / "decisions_pref.jsonl", SKILLS)
-    prompts = [
-        f"You are a job seeker skilled in {s}. Apply or wait? Answer in JSON." for s in SKILLS
+    held_out = [
+        f"You are a job seeker skilled in {s}. Apply or wait? Answer in JSON."
+        for s in ("plumbing", "teaching", "music", "farming")
     ]
-    before = mean_sampled_reward(tiny_model, None, prompts)
+    before = mean_sampled_reward(tiny_model, None, held_out, reward)
     result = run_tuning(
+        tuning_mode="ppo",
+        rollout="online",
+        reward_fn=f"{tmp_path / 'shaped.py'}:reward",
         llm_path=str(tiny_model),
         dataset_path=[str(data)],
         workspace=str(workspace),
-        rollout="online",
-        reward_fn=f"{tmp_path / 'digit_reward.py'}:reward",
+        learning_rate=1e-3,
         max_steps=30,
         max_new_tokens=8,
-        kl_coef=0.01,
-        **{**PPO_FAST, "learning_rate": 1e-2, "ppo_epochs": 4},
+        per_device_train_batch_size=8,
+        seed=0,
     )
-    after = mean_sampled_reward(tiny_model, result.adapter_path, prompts)
-    assert after > before + 0.2, (before, after)
+    after = mean_sampled_reward(tiny_model, result.adapter_path, held_out, reward)
+    assert after > before + margin, (shape, before, after)
+    client = mlflow.MlflowClient(result.tracking_uri)
+    kl = [m.value for m in client.get_metric_history(result.run_id, "ppo/kl")]
+    entropy = [m.value for m in client.get_metric_history(result.run_id, "ppo/entropy")]
+    assert all(math.isfinite(k) for k in kl) and max(kl) < 40.0, kl
+    assert max(entropy) - min(entropy) > 0.05, entropy
+    score = [m.value for m in client.get_metric_history(result.run_id, "ppo/score_mean")]
+    assert sum(score[-5:]) > sum(score[:5]), score  # the training answers improved too
     assert result.dataset["rollout"] == "online"
 
 
@@ -225,7 +258,7 @@ def test_ratio_is_exactly_one_before_any_update(tiny_model):
 
     from simtune.config import build_config
     from simtune.training.model import load_model, resolve_model
-    from simtune.training.ppo import _PolicyAndValue, make_policy
+    from simtune.training.ppo import Sampling, _PolicyAndValue, make_policy
     from simtune.training.ppo_math import policy_loss
 
     cfg = build_config(
@@ -235,20 +268,74 @@ def test_ratio_is_exactly_one_before_any_update(tiny_model):
         make_policy(load_model(resolve_model(str(tiny_model)), trainable_adapter=True), cfg), None
     )
     module.eval()
-    ids = torch.randint(5, 500, (3, 12))
-    att = torch.ones_like(ids)
-    mask = torch.zeros(3, 11)
-    mask[:, 5:] = 1
+    q_ids, r_ids = torch.randint(5, 500, (3, 6)), torch.randint(5, 500, (3, 6))
+    q_att, r_att = torch.ones_like(q_ids), torch.ones_like(r_ids)
+    mask = r_att.float()
+    sampling = Sampling(0.7, 0, 1.0)
     with torch.no_grad():
-        old, _, _ = module(ids, att)
-        new, _, _ = module(ids, att)
-        ref, _, _ = module(ids, att, reference=True)
-    adv = torch.randn(3, 11)
+        old, _, _ = module(q_ids, q_att, r_ids, r_att, sampling)
+        new, _, _ = module(q_ids, q_att, r_ids, r_att, sampling)
+        ref, _, _ = module(q_ids, q_att, r_ids, r_att, sampling, reference=True)
+    adv = torch.randn(3, 6)
     loss, clipfrac, approx_kl = policy_loss(new, old, adv, mask, 0.2)
     assert torch.equal(old, new)
     assert float(clipfrac) == 0.0 and float(approx_kl) == 0.0
     # a fresh LoRA adapter (B = 0) is exactly the reference
     assert torch.allclose(old, ref, atol=1e-6)
+
+
+def test_kl_to_the_base_falls_from_a_perturbed_adapter_when_score_is_zero(
+    tiny_model, workspace, tmp_path
+):
+    """Only the KL penalty pays: starting from an adapter that moved the model away from
+    the base, PPO with --ppo_reference base and a zero reward walks back (a sign error in
+    the KL term would walk further away). Through the CLI, whose result table shows the
+    PPO figures instead of a train loss."""
+    import mlflow
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from simtune.config import build_config
+    from simtune.training.sft import lora_config
+
+    cfg = build_config(overrides={"llm_path": str(tiny_model), "dataset_path": ["x"]})
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora_config(cfg))
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.03)
+    adapter = tmp_path / "perturbed"
+    model.save_pretrained(adapter, safe_serialization=True)
+    (tmp_path / "zero.py").write_text("def reward(completion, **_):\n    return 0.0\n")
+    data = preference_data(tmp_path / "decisions_pref.jsonl", SKILLS)
+    proc = run_cli(
+        "train",
+        "--tuning_mode", "ppo",
+        "--llm_path", str(adapter),
+        "--dataset_path", str(data),
+        "--workspace", str(workspace),
+        "--rollout", "online",
+        "--reward_fn", f"{tmp_path / 'zero.py'}:reward",
+        "--ppo_reference", "base",
+        "--kl_coef", "0.5",
+        "--learning_rate", "1e-3",
+        "--lora_dropout", "0",
+        "--max_steps", "40",
+        "--max_new_tokens", "8",
+        "--per_device_train_batch_size", "8",
+        timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PPO score mean" in proc.stdout and "KL" in proc.stdout, proc.stdout
+    assert "nan" not in proc.stdout.lower()
+    client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("llm_tuning").experiment_id])[0]
+    kl = [m.value for m in client.get_metric_history(run.info.run_id, "ppo/kl")]
+    assert kl[0] > 2.0, kl  # the adapter starts away from the base
+    assert sum(kl[-5:]) < 0.6 * sum(kl[:5]), kl
 
 
 def _mlflow_statuses(ws: Path) -> list[str]:
@@ -411,6 +498,9 @@ def test_ppo_continues_from_an_sft_adapter(tiny_model, workspace, tmp_path):
     )
     meta = json.loads((Path(ppo.adapter_path) / "simtune.json").read_text())
     assert meta["continued_from_adapter"] == sft.adapter_path
+    assert meta["config"]["ppo_reference"] == "init"  # KL to the SFT adapter, by default
+    # the frozen reference copy is not part of the saved adapter
+    assert not (Path(ppo.adapter_path) / "reference").exists()
     w_sft = load_file(str(Path(sft.adapter_path) / "adapter_model.safetensors"))
     w_ppo = load_file(str(Path(ppo.adapter_path) / "adapter_model.safetensors"))
     assert w_sft.keys() == w_ppo.keys()

@@ -11,6 +11,7 @@ import torch
 from simtune.training.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
+    RunningScoreNorm,
     compute_rewards,
     entropy_from_logits,
     gae,
@@ -440,9 +441,9 @@ def test_value_loss(seed: int, cliprange_value: float) -> None:
         for t in range(T):
             if not ms[b][t]:
                 continue
-            step = min(max(vs[b][t] - ov[b][t], -cliprange_value), cliprange_value)
+            v_clipped = min(max(vs[b][t], ov[b][t] - cliprange_value), ov[b][t] + cliprange_value)
             unclipped = (vs[b][t] - rt[b][t]) ** 2
-            clipped = (ov[b][t] + step - rt[b][t]) ** 2
+            clipped = (v_clipped - rt[b][t]) ** 2
             losses.append(max(unclipped, clipped))
             clips.append(1.0 if clipped > unclipped else 0.0)
     loss, clipfrac = value_loss(values, old_values, returns, mask, cliprange_value)
@@ -460,6 +461,55 @@ def test_value_loss_unclipped_when_values_unchanged() -> None:
     close(loss, (0.5 * masked_mean((values - returns) ** 2, mask)).item())
     loss.backward()
     finite(values.grad)
+
+
+def test_value_clipfrac_is_zero_when_nothing_is_clipped() -> None:
+    """Values that moved, but by less than the clip range: no token counts as clipped.
+    (`old + clamp(V - old)` differs from V in the last bit and counted about half.)"""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(64, 32, generator=gen) * 0.5
+    old = values + (torch.rand(64, 32, generator=gen) * 2 - 1) * 0.19  # within the range
+    returns = torch.randn(64, 32, generator=gen)
+    # the old formula's V_clipped is not V bit for bit here (it counted ~3 % as clipped)
+    assert (old + torch.clamp(values - old, -0.2, 0.2) != values).any()
+    loss, clipfrac = value_loss(values, old, returns, torch.ones(64, 32), 0.2)
+    assert clipfrac.item() == 0.0
+    close(loss, (0.5 * ((values - returns) ** 2).mean()).item())
+    # moved past the range: counted where clipping raises the loss (TRL's definition)
+    far = old + 1.0
+    _, clipfrac = value_loss(far, old, old + 5.0, torch.ones(64, 32), 0.2)
+    assert clipfrac.item() == 1.0  # V_clipped = old + 0.2 is further from R = old + 5
+    _, clipfrac = value_loss(far, old, old, torch.ones(64, 32), 0.2)
+    assert clipfrac.item() == 0.0  # V_clipped is closer to R: the unclipped term wins
+
+
+@pytest.mark.parametrize("method", ["zscore", "minmax", "none"])
+def test_running_score_norm_uses_every_score_so_far(method: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, generator=gen) * 5 + 3 for n in (4, 7, 1, 6)]
+    norm = RunningScoreNorm(method)
+    seen: list[float] = []
+    for b in batches:
+        norm.update(b)
+        seen += b.tolist()
+        got = norm(b)
+        mean = sum(seen) / len(seen)
+        if method == "zscore":
+            std = math.sqrt(sum((x - mean) ** 2 for x in seen) / len(seen))
+            want = [(x - mean) / std for x in b.tolist()]
+        elif method == "minmax":
+            lo, hi = min(seen), max(seen)
+            want = [(x - (hi + lo) / 2) / ((hi - lo) / 2) for x in b.tolist()]
+        else:
+            want = b.tolist()
+        close(got, want)
+    clone = RunningScoreNorm("none")
+    clone.load_state_dict(norm.state_dict())
+    close(clone(batches[0]), norm(batches[0]))
+    # constant scores so far: only shifted, never divided by ~0
+    flat = RunningScoreNorm(method)
+    flat.update(torch.full((5,), 2.0))
+    finite(flat(torch.full((5,), 2.0)))
 
 
 # -- all-zero mask: nothing is NaN ---------------------------------------------------------------

@@ -117,7 +117,7 @@ def run_tuning(
     from simtune.training.model import load_tokenizer
 
     tokenizer = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
-    prepared = _prepare(cfg, selection.decisions, tokenizer, stats)
+    prepared = _prepare(cfg, selection.decisions, tokenizer, stats, spec)
 
     job_dir = workspace / JOBS_DIR / model_id
     if not dist.is_main:
@@ -353,7 +353,9 @@ class _NoTracker:
         return TrainerCallback()
 
 
-def _prepare(cfg: TuningConfig, decisions: list[Any], tokenizer: Any, stats: dict[str, Any]) -> Any:
+def _prepare(
+    cfg: TuningConfig, decisions: list[Any], tokenizer: Any, stats: dict[str, Any], spec: Any
+) -> Any:
     """Mode-specific input work that can fail on the user's data, before any run opens."""
     if cfg.tuning_mode == "sft":
         from simtune.training.sft import build_examples
@@ -368,13 +370,11 @@ def _prepare(cfg: TuningConfig, decisions: list[Any], tokenizer: Any, stats: dic
         )
         return examples
     if cfg.tuning_mode == "ppo":
-        from simtune.training.ppo import build_samples
-        from simtune.training.rewards import make_reward_source
+        from simtune.training.ppo import build_ppo_inputs
 
-        samples = build_samples(decisions, tokenizer, cfg)
-        stats.update(num_ppo_samples=len(samples), rollout=cfg.rollout)
-        source = make_reward_source(cfg) if cfg.rollout == "online" else None
-        return samples, source
+        inputs = build_ppo_inputs(decisions, tokenizer, cfg, spec)
+        stats.update(num_ppo_samples=len(inputs.samples), rollout=cfg.rollout)
+        return inputs
     from simtune.training.reward_model import build_reward_examples
 
     examples = build_reward_examples(decisions, tokenizer, cfg)
@@ -463,13 +463,11 @@ def _train_mode(
         return metrics, trained, None
     from simtune.training.ppo import train_ppo
 
-    samples, source = prepared
     metrics, trained, v_head = train_ppo(
         cfg,
-        samples,
+        prepared,
         model,
         tokenizer,
-        reward_source=source,
         log_metrics=tracker.log_metrics,
         adapter_dir=spec.adapter,
         checkpoint_dir=job_dir / "checkpoints",

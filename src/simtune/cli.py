@@ -233,6 +233,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _result_figures(metrics: dict[str, float]) -> list[tuple[str, str]]:
+    """The final figures worth a line: PPO's score and KL (it has no train loss), else the
+    train loss of SFT and reward models."""
+    if "score_mean_first" in metrics:
+        return [
+            (
+                "PPO score mean",
+                f"{metrics['score_mean_first']:.4f} (first step) -> "
+                f"{metrics['score_mean_last']:.4f} (last step)",
+            ),
+            ("PPO KL to reference", f"{metrics['kl_last']:.4f} (last step, per answer)"),
+        ]
+    if "train_loss" in metrics:
+        return [("final train loss", f"{metrics['train_loss']:.4f}")]
+    return []
+
+
 def _print_result(result: Any, workspace: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -246,7 +263,8 @@ def _print_result(result: Any, workspace: str | None = None) -> None:
     table.add_column(overflow="fold")
     table.add_row("model id", result.model_id)
     table.add_row("adapter", result.adapter_path)
-    table.add_row("final train loss", f"{result.metrics.get('train_loss', float('nan')):.4f}")
+    for label, value in _result_figures(result.metrics):
+        table.add_row(label, value)
     table.add_row("MLflow run", f"{result.run_id}  ({result.tracking_uri})")
     if synced:
         table.add_row(

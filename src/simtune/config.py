@@ -28,6 +28,7 @@ TUNING_MODES = ("sft", "ppo", "reward")
 ROLLOUTS = ("offline", "online")
 NORMALISATIONS = ("zscore", "minmax", "none")
 KL_ESTIMATORS = ("k1", "k3", "abs")
+PPO_REFERENCES = ("init", "base")
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -215,8 +216,10 @@ class TuningConfig:
     'online' generates answers with the policy and scores them with a reward source."""
 
     score_normalization: str = "zscore"
-    """How logged rewards/ratings (and reward-model labels) are normalised: zscore,
-    minmax (to [-1, 1]) or none."""
+    """How scores are normalised: zscore, minmax (to [-1, 1]) or none. Offline PPO and
+    reward models: the logged rewards/ratings over the whole dataset; online PPO: each
+    rollout's scores by the running statistics of all scores so far, so the KL penalty
+    weighs the same against rewards of any scale."""
 
     reward_fn: str | None = None
     """Online reward: a Python function 'module:function' or 'file.py:function' called
@@ -245,7 +248,12 @@ class TuningConfig:
     """Minibatches per rollout batch (one optimizer step each)."""
 
     kl_coef: float = 0.05
-    """beta: weight of the per-token KL penalty to the reference (base) policy."""
+    """beta: weight of the per-token KL penalty to the reference policy (--ppo_reference)."""
+
+    ppo_reference: str = "init"
+    """What the KL penalty pulls toward: 'init', the policy PPO starts from (the adapter of
+    --llm_path when it is one, as a frozen copy; else the base model), or 'base', the base
+    model with the adapter disabled."""
 
     adaptive_kl: bool = False
     """Adapt kl_coef towards target_kl (Ziegler et al. 2019) instead of keeping it fixed."""
@@ -278,13 +286,21 @@ class TuningConfig:
     """Normalise advantages to mean 0, variance 1 per rollout batch."""
 
     max_new_tokens: int = 64
-    """Online rollouts: most tokens generated per answer."""
+    """Online rollouts: most tokens generated per answer (an answer ends earlier at any of
+    the model's stop tokens)."""
 
     temperature: float = 1.0
-    """Online rollouts: sampling temperature."""
+    """Online rollouts: sampling temperature; PPO's log-probs (policy and reference) use the
+    same temperature."""
 
     top_p: float = 1.0
-    """Online rollouts: nucleus sampling threshold."""
+    """Online rollouts: nucleus sampling threshold (1: off); the policy's log-probs use the
+    same truncated distribution."""
+
+    top_k: int = 0
+    """Online rollouts: sample among the k most likely tokens only (0: off, the whole
+    vocabulary); the policy's log-probs use the same truncated distribution. The model's
+    own generation_config is never used for rollouts."""
 
     def validate(self) -> TuningConfig:
         """Check values without touching the disk's models or importing torch."""
@@ -296,6 +312,7 @@ class TuningConfig:
             ("rollout", ROLLOUTS),
             ("score_normalization", NORMALISATIONS),
             ("kl_estimator", KL_ESTIMATORS),
+            ("ppo_reference", PPO_REFERENCES),
         )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -365,6 +382,8 @@ class TuningConfig:
                 raise ConfigError(f"--{name}: must be in [0, 1], got {getattr(self, name)!r}")
         if self.top_p > 1.0:
             raise ConfigError(f"--top_p: must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise ConfigError(f"--top_k: must be >= 0 (0: off), got {self.top_k!r}")
         for name in ("warmup_ratio", "lora_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -86,13 +86,24 @@ def make_tiny_model(
     seed: int = 0,
     intermediate_size: int | None = None,
     initializer_range: float = 0.02,
+    output_std: float | None = 0.25,
     corpus: Iterable[str] = (),
 ) -> Path:
     """Write a random LlamaForCausalLM (~0.2M params) + tokenizer to `out_dir`.
 
     The defaults are the test model; `intermediate_size` defaults to 2 x hidden,
-    `initializer_range` is the std of the random weights and `corpus` is extra
-    tokenizer training text (see `build_tokenizer`)."""
+    `initializer_range` is the std of the random weights, `output_std` that of the LM
+    head (None: `initializer_range`) and `corpus` is extra tokenizer training text (see
+    `build_tokenizer`).
+
+    Why the LM head gets its own, larger std: with every weight at std 0.02 the logits
+    have std ~0.16 (0.02 x the RMS-normed hidden state's norm of sqrt(64) = 8), so the
+    next-token distribution is uniform to within 0.01 nats, and since LoRA cannot touch
+    the final RMSNorm or the LM head it can shift any logit by at most ~1.3: no training
+    signal -- a reward, a rating -- could move such a model's answers, and its entropy
+    never left ln(V). At 0.25 the logits have std ~2 and the entropy ~4.5 nats, the
+    peakedness of a pretrained model's next-token distribution, and the adapters can
+    change what the model says."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -115,6 +126,8 @@ def make_tiny_model(
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if output_std is not None:
+        torch.nn.init.normal_(model.lm_head.weight, std=output_std)
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

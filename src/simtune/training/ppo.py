@@ -2,42 +2,90 @@
 
 TRL >= 1.0 has no PPO that trains from a fixed log of (prompt, response, reward), which
 is what simulations produce, so simtune owns this compact one (maths in ppo_math.py).
+Read `train_ppo` top to bottom: `generate_trajectory` (rollout and scoring, no gradient)
+-> `compute_advantages` -> `ppo_step` (the PPO epochs over minibatches) -> KL control and
+logging, with one typed `Trajectory` passed between them.
 
 Algorithm, per rollout batch of B = per_device_train_batch_size x
 gradient_accumulation_steps x num_mini_batches x processes samples:
 
-1. Rollout. *Offline*: the action is the logged `output`, its score the logged
-   reward (else rating) normalised over the dataset (`--score_normalization`).
-   *Online*: the policy samples an answer for each prompt (temperature, top-p,
-   max_new_tokens) and a reward source scores it (Python function, reward model or
-   LLM judge); online scores are used as the source returns them.
-2. With no gradient: log-probs of the response tokens under the policy (base + LoRA)
-   and under the reference (the same base with the adapter disabled -- no second model
-   copy), and values from a linear value head on the policy's last hidden states.
+1. Rollout. *Offline*: the action is the logged `output` (up to and including its first
+   stop token), its score the logged reward (else rating) normalised over the dataset
+   (`--score_normalization`). *Online*: the policy samples an answer for each prompt and a
+   reward source scores it (Python function, reward model or LLM judge). Online scores are
+   normalised by the running mean and std of every score so far (`--score_normalization
+   zscore`, the default; `ppo_math.RunningScoreNorm`), so one kl_coef suits rewards of any
+   scale; `ppo/score_mean` logs them as the source gave them.
+2. With no gradient: log-probs of the response tokens under the policy (base + LoRA) and
+   under the reference, the sampling distribution's entropy, and values from a linear
+   value head on the policy's last hidden states.
 3. Per-token reward r_t = -beta * KL_t (policy || reference), plus the score at the last
-   response token. GAE(gamma, lambda) gives advantages and returns; advantages are
-   whitened over the batch.
+   response token (the stop token, or the last sampled one when max_new_tokens ran out).
+   GAE(gamma, lambda) gives advantages and returns; advantages are whitened over the batch.
 4. `ppo_epochs` passes over the batch in `num_mini_batches` shuffled minibatches, one
    optimizer step each (gradient accumulation over micro-batches of
    per_device_train_batch_size): clipped policy surrogate + vf_coef x clipped value
    loss, gradient clipping at max_grad_norm.
 5. beta is fixed, or adapted towards `target_kl` (Ziegler et al. 2019).
 
+The sampling rule: rollouts sample from exactly the distribution PPO scores.
+- The generation config is built from the job's options alone -- temperature, top_p,
+  top_k (default 0: off), max_new_tokens and every stop id -- and the model's own
+  `generation_config` is swapped out for the call, so nothing it sets (top_k,
+  repetition_penalty, min_p, ...) leaks in. transformers' global default top_k=50 is why
+  the explicit top_k=0 matters (TRL's PPOv2 passes top_k=0 for the same reason): sampling
+  from a truncated distribution while scoring the full one makes the k1 KL estimate
+  negative in expectation for policies flatter than the reference, i.e. a "penalty" that
+  rewards drifting away.
+- Old, new and reference log-probs divide the logits by the same temperature (as PPOv2
+  and OpenRLHF do). Policy log-probs also apply the same top-k/top-p masks as the sampler
+  (`ppo_math.warp_logits`, checked against transformers' warpers), so the ratio is that of
+  the distribution actually sampled; the reference keeps its full support (temperature
+  only), so the KL term is KL(sampling policy || reference), finite and >= 0 in
+  expectation. PPOv2 and OpenRLHF take log-probs over the full softmax; with the default
+  top_k=0/top_p=1 the two rules are the same.
+- An answer ends at the first of *any* stop id (`stop_token_ids`: the tokenizer's EOS, the
+  model's generation_config EOS list and the chat template's end-of-turn token), which is
+  kept as its last action; what follows is padding. Offline answers are cut the same way,
+  so the template's trailing tokens after the end-of-turn marker (a newline in ChatML)
+  are never scored: the policy never samples them, they carry no decision.
+- Offline rollouts ignore temperature/top_k/top_p: their actions were not sampled by this
+  policy, and a masked support could exclude a logged token.
+
+The reference (`--ppo_reference`): `init` (default) is the policy PPO starts from -- the
+adapter of `--llm_path` when it is one, loaded a second time as a frozen adapter on the
+same base (an adapter costs megabytes; PPOv2 calls this `ref_adapter_name`), else the base
+model, which is what a fresh zero-initialised LoRA starts as. `base` is always the base
+model with the adapter disabled: KL then pulls an SFT-started policy back toward the
+untuned base.
+
 Deliberate simplifications (each is a cost we chose to pay, not an oversight):
 - Dropout is off for the whole job (model.eval()): old and new log-probs must agree
   exactly before the first update (ratio == 1), and PPO is noisy enough without it.
   Transformers only checkpoints activations in training mode, so
   `--gradient_checkpointing` saves no memory here.
-- The reference is the base model even when training continues from an (SFT) adapter:
-  KL is measured to the base, which is what "adapter disabled" gives for free. A merged
-  SFT reference would need a second copy of the weights.
 - Offline PPO treats logged answers as if the current policy had sampled them (what the
   seed system did); the clipped ratio keeps updates bounded but there is no off-policy
   correction beyond that.
 - Losses are masked means per micro-batch, so with ragged lengths and gradient
   accumulation the weighting of tokens differs slightly from one big batch.
-- The value head reads hidden states from `output_hidden_states=True`, which keeps all
-  layers' hidden states for the step (cheap next to the activations autograd keeps).
+- Sequences are laid out as generate() makes them, [left-padded query | right-padded
+  response], with position ids from the attention mask, so every row's response starts at
+  the same column: the LM head runs on the response positions only (`logits_to_keep`; the
+  prompt's positions cost no vocabulary projection) and micro-batches are trimmed to their
+  own widest query and response.
+- The critic is a linear value head on the policy's last hidden states, *detached*: the
+  value loss trains the head alone. TRL's PPOv2 and OpenRLHF train a separate critic
+  model; we keep one model, and a shared body would let the value loss -- whose scale is
+  that of the returns, not of the policy's surrogate -- steer the policy: measured on the
+  tiny model with a zero score from a perturbed adapter, the KL to the base *rose* from
+  12 to 20 nats in 30 steps with the gradient flowing into the adapter. The price is a
+  weaker critic (a linear function of features it cannot shape); with whitened
+  advantages and GAE's lambda=0.95 the baseline matters less than the interference did.
+  `output_hidden_states=True` keeps all layers' hidden states for the step (cheap next
+  to the activations autograd keeps).
+- top-p in the scoring passes sorts the vocabulary at every response position (only when
+  --top_p < 1): O(R V log V) extra per forward, the price of exact ratios.
 - Several processes run data-parallel through accelerate (DDP): each one rolls out
   and scores its contiguous share of the batch, then the rollout tensors are gathered
   so advantages, whitening, KL control and logged statistics are those of the whole
@@ -45,28 +93,36 @@ Deliberate simplifications (each is a cost we chose to pay, not an oversight):
   each minibatch. The result equals one process with gradient_accumulation_steps x P
   (same samples, same micro-batches) up to floating-point reduction order; the price
   is that every process holds the gathered batch's tensors (small next to a model).
+
+Where this file is silent, it does what TRL's PPOv2 and OpenRLHF do: k1 KL in the reward,
+the score on the last response token, GAE with gamma=1, lambda=0.95, whitened advantages,
+clipped value loss with TRL's clip fraction, AdamW.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import inspect
 import json
 import logging
 import math
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from simtune.config import TuningConfig
 from simtune.decisions.schema import Decision
-from simtune.errors import DataError
+from simtune.errors import DataError, ModelError
 
 log = logging.getLogger(__name__)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
+REFERENCE_ADAPTER = "reference"
+"""Name of the frozen copy of the starting adapter (`--ppo_reference init`)."""
 
 
 @dataclass
@@ -74,11 +130,101 @@ class PPOSample:
     decision: Decision
     query: list[int]
     response: list[int] | None = None
-    """Logged answer tokens (offline); None when the policy generates (online)."""
+    """Logged answer tokens up to and including the first stop id (offline); None when
+    the policy generates (online)."""
     score: float | None = None
 
 
-def build_samples(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig) -> list[PPOSample]:
+@dataclass
+class PPOInputs:
+    """What `build_ppo_inputs` prepares before any run opens (it can fail on the data)."""
+
+    samples: list[PPOSample]
+    reward_source: Any | None
+    stop_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The distribution rollouts sample from and log-probs are taken under."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: TuningConfig) -> Sampling:
+        if cfg.rollout == "offline":  # logged actions: the plain softmax (see the docstring)
+            return cls()
+        return cls(cfg.temperature, cfg.top_k, cfg.top_p)
+
+
+# --- stop tokens ---------------------------------------------------------------------
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any | None = None) -> list[int]:
+    """Every token id that ends an answer: the tokenizer's EOS, each EOS id the model's
+    generation_config lists (chat models list several: <|im_end|>, <|endoftext|>,
+    <|eot_id|>, ...), and the special token the chat template puts right after an
+    assistant answer (its end-of-turn marker). First the tokenizer's EOS."""
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and v not in ids:
+                ids.append(v)
+
+    add(tokenizer.eos_token_id)
+    if generation_config is not None:
+        add(getattr(generation_config, "eos_token_id", None))
+    add(_template_end_of_turn(tokenizer))
+    if not ids:
+        raise ModelError("--llm_path: the tokenizer has no end-of-sequence token to stop answers")
+    return ids
+
+
+def _template_end_of_turn(tokenizer: Any) -> int | None:
+    """The first special token after the content of a rendered assistant answer."""
+    from simtune.training.sft import split_prompt_answer
+
+    try:
+        _, answer = split_prompt_answer(tokenizer, [{"role": "user", "content": "Hi"}], "OK")
+    except Exception:  # an unusual template: fall back to the EOS ids alone
+        return None
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    special |= {
+        i
+        for i, t in (getattr(tokenizer, "added_tokens_decoder", None) or {}).items()
+        if getattr(t, "special", False)
+    }
+    return next((t for t in answer if t in special), None)
+
+
+def load_generation_config(spec: Any) -> Any | None:
+    """The base model's generation_config.json (for its stop ids), or None."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(spec.base, local_files_only=spec.base_is_local)
+    except Exception:  # no such file: the tokenizer's EOS and the template's marker remain
+        return None
+
+
+def truncate_at_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
+    """`tokens` up to and including the first stop id (all of them when none occurs)."""
+    stops = set(stop_ids)
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[: i + 1]
+    return tokens
+
+
+# --- samples ---------------------------------------------------------------------------
+
+
+def build_samples(
+    decisions: list[Decision], tokenizer: Any, cfg: TuningConfig, stop_ids: list[int]
+) -> list[PPOSample]:
     """Tokenize prompts (and, offline, logged answers with their normalised scores)."""
     from simtune.training.rewards import normalise_scores
     from simtune.training.sft import chat_ids, split_prompt_answer
@@ -98,7 +244,7 @@ def build_samples(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig) 
         response = None
         if offline:
             query, response = split_prompt_answer(tokenizer, prompt, d.output)
-            response = response[: max(1, cfg.max_length // 2)]
+            response = truncate_at_stop(response, stop_ids)[: max(1, cfg.max_length // 2)]
             budget = cfg.max_length - len(response)
         else:
             query = chat_ids(tokenizer, prompt, True)
@@ -121,6 +267,21 @@ def build_samples(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig) 
     return samples
 
 
+def build_ppo_inputs(
+    decisions: list[Decision], tokenizer: Any, cfg: TuningConfig, spec: Any
+) -> PPOInputs:
+    """Samples, the online reward source (checked fail-fast) and the stop ids."""
+    from simtune.training.rewards import make_reward_source
+
+    stop_ids = stop_token_ids(tokenizer, load_generation_config(spec))
+    samples = build_samples(decisions, tokenizer, cfg, stop_ids)
+    source = make_reward_source(cfg) if cfg.rollout == "online" else None
+    return PPOInputs(samples, source, stop_ids)
+
+
+# --- policy, reference and value head ------------------------------------------------------
+
+
 def make_policy(model: Any, cfg: TuningConfig) -> Any:
     """The model with a trainable LoRA adapter (a new one unless it already has one)."""
     from peft import PeftModel, get_peft_model
@@ -132,51 +293,106 @@ def make_policy(model: Any, cfg: TuningConfig) -> Any:
     return get_peft_model(model, lora_config(cfg))
 
 
+def add_reference_adapter(policy: Any, adapter_dir: str) -> str:
+    """Load the starting adapter a second time, frozen, as the KL reference; the
+    trainable adapter stays active. Returns the reference adapter's name."""
+    active = policy.active_adapter
+    policy.load_adapter(adapter_dir, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    policy.set_adapter(active)
+    return REFERENCE_ADAPTER
+
+
 class _PolicyAndValue:
     """Built lazily so torch is imported only when PPO runs."""
 
     @staticmethod
-    def build(policy: Any, adapter_dir: str | None) -> Any:
+    def build(policy: Any, adapter_dir: str | None, reference_adapter: str | None = None) -> Any:
+        """The policy with a value head. `reference_adapter` names a frozen adapter of
+        `policy` to use as the KL reference; None: the base (adapter disabled)."""
         import torch
         from torch import nn
+
+        from simtune.training import ppo_math as pm
+
+        base_forward = policy.get_base_model().forward
+        keeps_logits = "logits_to_keep" in inspect.signature(base_forward).parameters
 
         class PolicyAndValue(nn.Module):
             def __init__(self) -> None:
                 super().__init__()
                 self.policy = policy
+                self.reference_adapter = reference_adapter
                 hidden = policy.config.hidden_size
                 self.v_head = nn.Linear(hidden, 1)
                 # Start from value 0 everywhere: no arbitrary baseline in the first batches.
                 nn.init.zeros_(self.v_head.weight)
                 nn.init.zeros_(self.v_head.bias)
 
+            @contextlib.contextmanager
+            def _as_reference(self) -> Iterator[None]:
+                if self.reference_adapter is None:
+                    with self.policy.disable_adapter():
+                        yield
+                    return
+                active = self.policy.active_adapter
+                # inference_mode: the reference stays frozen while it is active; switching
+                # back makes the trainable adapter trainable again (PEFT's set_adapter).
+                self.policy.set_adapter(self.reference_adapter, inference_mode=True)
+                try:
+                    yield
+                finally:
+                    self.policy.set_adapter(active)
+
             def forward(
                 self,
-                input_ids: Any,
-                attention_mask: Any,
+                query_ids: Any,
+                query_mask: Any,
+                response_ids: Any,
+                response_mask: Any,
+                sampling: Sampling = Sampling(),  # noqa: B008 (frozen, immutable)
                 *,
                 reference: bool = False,
                 with_values: bool = True,
+                with_entropy: bool = False,
             ) -> tuple[Any, Any, Any]:
-                from simtune.training.ppo_math import entropy_from_logits, logprobs_from_logits
-
+                """(log-probs, values, entropy) of each response token, (B, R) each; values
+                and entropy are None unless asked for (never for the reference)."""
+                ids = torch.cat([query_ids, response_ids], dim=1)
+                att = torch.cat([query_mask, response_mask], dim=1)
+                # Left-padded queries: positions from the mask, as generate() numbers them.
+                pos = (att.cumsum(-1) - 1).clamp(min=0)
+                q, r = query_ids.shape[1], response_ids.shape[1]
+                kwargs: dict[str, Any] = {
+                    "input_ids": ids,
+                    "attention_mask": att,
+                    "position_ids": pos,
+                }
+                if keeps_logits:  # the LM head on the positions that predict the response
+                    kwargs["logits_to_keep"] = r + 1
                 if reference:
-                    with self.policy.disable_adapter():
-                        out = self.policy(input_ids=input_ids, attention_mask=attention_mask)
-                    logits = out.logits[:, :-1].float()
-                    return logprobs_from_logits(logits, input_ids[:, 1:]), None, None
-                out = self.policy(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    output_hidden_states=with_values,
+                    with self._as_reference():
+                        out = self.policy(**kwargs)
+                    logits = out.logits[:, -(r + 1) : -1]
+                    # Full support for the reference: temperature only (see the docstring).
+                    logp, _ = pm.sampling_logprobs(logits, response_ids, sampling.temperature)
+                    return logp, None, None
+                out = self.policy(**kwargs, output_hidden_states=with_values)
+                logits = out.logits[:, -(r + 1) : -1]
+                logp, entropy = pm.sampling_logprobs(
+                    logits,
+                    response_ids,
+                    sampling.temperature,
+                    sampling.top_k,
+                    sampling.top_p,
+                    with_entropy=with_entropy,
                 )
-                logits = out.logits[:, :-1].float()
-                logp = logprobs_from_logits(logits, input_ids[:, 1:])
                 values = None
                 if with_values:
-                    hidden = out.hidden_states[-1][:, :-1]
+                    # Detached: the value loss trains the head only, never the policy's
+                    # adapter (see the docstring).
+                    hidden = out.hidden_states[-1][:, q - 1 : q + r - 1].detach()
                     values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)
-                return logp, values, entropy_from_logits(logits)
+                return logp, values, entropy
 
         module = PolicyAndValue()
         if adapter_dir and (Path(adapter_dir) / VALUE_HEAD_FILE).is_file():
@@ -185,6 +401,53 @@ class _PolicyAndValue:
             module.v_head.load_state_dict(load_file(str(Path(adapter_dir) / VALUE_HEAD_FILE)))
         module.v_head.to(next(policy.parameters()).device, dtype=torch.float32)
         return module
+
+
+# --- rollouts ------------------------------------------------------------------------------
+
+
+@dataclass
+class Trajectory:
+    """One rollout batch, laid out as generate() makes it: queries left-padded to a common
+    width Q, responses right-padded to R, so per-token tensors are (B, R), column j being
+    response token j of every row. `response_mask` is 1 on answer tokens (the stop token
+    included) and 0 on padding. Tensors; typed Any so this module imports no torch."""
+
+    query_ids: Any
+    query_mask: Any
+    response_ids: Any
+    response_mask: Any
+    scores: Any
+    """(B,) one score per answer, as PPO optimises it (online: normalised, see
+    ppo_math.RunningScoreNorm)."""
+    raw_scores: Any
+    logprobs: Any
+    """(B, R) under the rollout's policy, at the sampling temperature and masks."""
+    ref_logprobs: Any
+    values: Any
+    entropy: Any
+    """(B, R) entropy of the sampling distribution at each response position."""
+    advantages: Any = None
+    returns: Any = None
+
+    def rows(self, idx: Any) -> Trajectory:
+        """The rows `idx`, trimmed to their own widest query and response (what a
+        micro-batch forward needs: no columns that are padding in every row)."""
+        q_mask, r_mask = self.query_mask[idx], self.response_mask[idx]
+        q = int(q_mask.sum(dim=1).max())
+        r = max(1, int(r_mask.sum(dim=1).max()))
+        fields = {}
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            if t is None:
+                fields[f.name] = None
+            elif f.name in ("query_ids", "query_mask"):
+                fields[f.name] = t[idx][:, t.shape[1] - q :]
+            elif t.dim() == 1:
+                fields[f.name] = t[idx]
+            else:
+                fields[f.name] = t[idx][:, :r]
+        return Trajectory(**fields)
 
 
 def _pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[Any, Any]:
@@ -203,39 +466,222 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[Any, A
     return ids, att
 
 
-def _generate(
-    policy: Any, tokenizer: Any, queries: list[list[int]], cfg: TuningConfig, device: Any
-) -> list[list[int]]:
-    """Sample one answer per query; the answer ends at (and keeps) the first EOS."""
+def generation_config(
+    sampling: Sampling, max_new_tokens: int, stop_ids: list[int], pad_id: int
+) -> Any:
+    """The complete sampling configuration of online rollouts, from the job's options
+    alone (see the module docstring): neutral values for everything that would otherwise
+    be filled in from the model's generation_config or transformers' defaults."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        num_beams=1,
+        temperature=sampling.temperature,
+        top_k=sampling.top_k,
+        top_p=sampling.top_p,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        bad_words_ids=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        min_length=0,
+        min_new_tokens=None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_ids),
+        pad_token_id=pad_id,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        use_cache=True,
+    )
+
+
+def sample_responses(
+    policy: Any,
+    queries: list[list[int]],
+    gen: Any,
+    stop_ids: list[int],
+    device: Any,
+    **generate_kwargs: Any,
+) -> Any:
+    """Sample one answer per query with exactly `gen`; each answer ends at (and keeps) its
+    first stop id. Returns (answers as token lists, generate's output)."""
     import torch
 
-    ids, att = _pad(queries, tokenizer.pad_token_id, left=True)
-    with torch.no_grad():
-        out = policy.generate(
-            input_ids=ids.to(device),
-            attention_mask=att.to(device),
-            do_sample=True,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+    ids, att = _pad(queries, gen.pad_token_id, left=True)
+    model = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    saved = model.generation_config
+    # generate() fills every option the given config leaves unset from the model's own
+    # generation_config; with that swapped for ours nothing of the model's leaks in.
+    model.generation_config = gen
+    try:
+        with torch.no_grad():
+            out = policy.generate(
+                input_ids=ids.to(device),
+                attention_mask=att.to(device),
+                generation_config=gen,
+                **generate_kwargs,
+            )
+    finally:
+        model.generation_config = saved
+    sequences = out.sequences if hasattr(out, "sequences") else out
+    answers = [
+        truncate_at_stop(row, stop_ids) or [stop_ids[0]]
+        for row in sequences[:, ids.shape[1] :].tolist()
+    ]
+    return answers, out
+
+
+def generate_trajectory(
+    module: Any,
+    policy: Any,
+    picked: list[PPOSample],
+    cfg: TuningConfig,
+    inputs: PPOInputs,
+    tokenizer: Any,
+    device: Any,
+    autocast: Callable[[], Any],
+) -> Trajectory:
+    """Rollout: the answers (logged, or sampled from the policy and scored by the reward
+    source), then with no gradient the policy's and reference's log-probs, the values
+    and the sampling entropy of every answer token. `module` is the (possibly
+    DDP-wrapped) policy-and-value module, `policy` its PEFT model (for generate)."""
+    import torch
+
+    sampling = Sampling.of(cfg)
+    queries = [s.query for s in picked]
+    if cfg.rollout == "offline":
+        responses = [list(s.response or []) for s in picked]
+        scores = [float(s.score or 0.0) for s in picked]
+    else:
+        gen = generation_config(
+            sampling, cfg.max_new_tokens, inputs.stop_ids, tokenizer.pad_token_id
         )
-    responses = []
-    for row in out[:, ids.shape[1] :].tolist():
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id) + 1]
-        responses.append(row or [tokenizer.eos_token_id])
-    return responses
+        with autocast():
+            responses, _ = sample_responses(policy, queries, gen, inputs.stop_ids, device)
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        scores = inputs.reward_source.score(
+            [s.decision.chat_prompt(cfg.system_prompt) for s in picked],
+            texts,
+            [s.decision for s in picked],
+        )
+    q_ids, q_mask = (t.to(device) for t in _pad(queries, tokenizer.pad_token_id, left=True))
+    r_ids, r_mask = (t.to(device) for t in _pad(responses, tokenizer.pad_token_id))
+    with torch.no_grad():
+        logp, values, entropy = module(q_ids, q_mask, r_ids, r_mask, sampling, with_entropy=True)
+        ref_logp, _, _ = module(q_ids, q_mask, r_ids, r_mask, sampling, reference=True)
+    score_t = torch.tensor(scores, dtype=torch.float32, device=device)
+    return Trajectory(
+        query_ids=q_ids,
+        query_mask=q_mask,
+        response_ids=r_ids,
+        response_mask=r_mask,
+        scores=score_t,
+        raw_scores=score_t.clone(),
+        logprobs=logp,
+        ref_logprobs=ref_logp,
+        values=values,
+        entropy=entropy,
+    )
+
+
+def compute_advantages(traj: Trajectory, kl_coef: float, cfg: TuningConfig) -> tuple[Any, Any]:
+    """Fill `traj.advantages` and `traj.returns` (KL-shaped rewards, GAE, whitening);
+    returns (per-token rewards, per-token KL estimates)."""
+    from simtune.training import ppo_math as pm
+
+    mask = traj.response_mask
+    rewards, kl = pm.compute_rewards(
+        traj.scores, traj.logprobs, traj.ref_logprobs, mask, kl_coef, cfg.kl_estimator
+    )
+    adv, returns = pm.gae(rewards, traj.values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        adv = pm.masked_whiten(adv, mask)
+    traj.advantages, traj.returns = adv, returns
+    return rewards, kl
+
+
+STAT_NAMES = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "value_clipfrac")
+
+
+def ppo_step(
+    module: Any,
+    traj: Trajectory,
+    cfg: TuningConfig,
+    *,
+    accelerator: Any,
+    optimizer: Any,
+    scheduler: Any,
+    params: list[Any],
+    rng: random.Random,
+) -> dict[str, float]:
+    """`ppo_epochs` passes over the rollout in `num_mini_batches` shuffled minibatches, one
+    optimizer step each; returns the mean of each loss statistic over micro-batches (of
+    this process)."""
+    import torch
+
+    from simtune.training import ppo_math as pm
+
+    sampling = Sampling.of(cfg)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = cfg.per_device_train_batch_size
+    mini = micro * cfg.gradient_accumulation_steps * world  # samples per optimizer step
+    batch = int(traj.scores.shape[0])
+    device = traj.scores.device
+    stats: dict[str, list[float]] = {k: [] for k in STAT_NAMES}
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(batch, generator=torch.Generator().manual_seed(rng.getrandbits(31)))
+        for start in range(0, batch, mini):
+            mb = perm[start : start + mini]
+            # This process's micro-batches: every world-th of the minibatch's.
+            mine = list(range(rank * micro, mini, world * micro))
+            for i, m0 in enumerate(mine):
+                part = traj.rows(mb[m0 : m0 + micro].to(device))
+                last = i == len(mine) - 1
+                # DDP all-reduces gradients on the last micro-batch only.
+                sync = contextlib.nullcontext() if last else accelerator.no_sync(module)
+                with sync:
+                    logp, values, _ = module(
+                        part.query_ids,
+                        part.query_mask,
+                        part.response_ids,
+                        part.response_mask,
+                        sampling,
+                    )
+                    m = part.response_mask
+                    pg, clipfrac, approx_kl = pm.policy_loss(
+                        logp, part.logprobs, part.advantages, m, cfg.cliprange
+                    )
+                    vf, vclip = pm.value_loss(
+                        values, part.values, part.returns, m, cfg.cliprange_value
+                    )
+                    loss = (pg + cfg.vf_coef * vf) / cfg.gradient_accumulation_steps
+                    accelerator.backward(loss)
+                for k, v in zip(STAT_NAMES, (pg, vf, clipfrac, approx_kl, vclip), strict=True):
+                    stats[k].append(float(v.detach()))
+            accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+# --- the recipe ----------------------------------------------------------------------------
 
 
 def train_ppo(
     cfg: TuningConfig,
-    samples: list[PPOSample],
+    inputs: PPOInputs,
     model: Any,
     tokenizer: Any,
     *,
-    reward_source: Any | None,
     log_metrics: Callable[[dict[str, float], int], None],
     adapter_dir: str | None = None,
     checkpoint_dir: Path | None = None,
@@ -244,8 +690,9 @@ def train_ppo(
 ) -> tuple[dict[str, float], Any, Any]:
     """Run PPO; returns (final metrics, trained PEFT policy, value head module).
 
-    With `checkpoint_dir`, a checkpoint is written there every `save_steps` rollout
-    steps and when `should_stop()` turns true (training then returns early);
+    `adapter_dir` is the adapter training continues from (its value head too, if PPO
+    made it). With `checkpoint_dir`, a checkpoint is written there every `save_steps`
+    rollout steps and when `should_stop()` turns true (training then returns early);
     `resume_from` continues from one (see `save_checkpoint`)."""
     import torch
     from accelerate import Accelerator
@@ -265,7 +712,15 @@ def train_ppo(
     policy = make_policy(model, cfg)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    module = _PolicyAndValue.build(policy, adapter_dir)
+    reference = None
+    if cfg.ppo_reference == "init" and adapter_dir:
+        reference = add_reference_adapter(policy, adapter_dir)
+    log.info(
+        "PPO reference: %s",
+        f"the starting adapter {adapter_dir} (frozen copy)" if reference else "the base model",
+    )
+    module = _PolicyAndValue.build(policy, adapter_dir, reference)
+    samples = inputs.samples
     micro = cfg.per_device_train_batch_size
     mini = micro * cfg.gradient_accumulation_steps * world  # samples per optimizer step
     batch = mini * cfg.num_mini_batches  # samples per rollout, all processes together
@@ -292,21 +747,21 @@ def train_ppo(
         if cfg.adaptive_kl
         else pm.FixedKLController(cfg.kl_coef)
     )
-    device = accelerator.device
-    pad_id = tokenizer.pad_token_id
+    # Offline scores were normalised over the whole dataset already (build_samples).
+    score_norm = pm.RunningScoreNorm(cfg.score_normalization if cfg.rollout == "online" else "none")
 
     order: list[int] = []
     history: list[dict[str, float]] = []
     start = 0
     if resume_from is not None:
         start, order, history = load_checkpoint(
-            Path(resume_from), inner, optimizer, scheduler, kl_ctl, rng
+            Path(resume_from), inner, optimizer, scheduler, kl_ctl, rng, score_norm=score_norm
         )
     progress = _progress(n_rollouts, accelerator.is_main_process)
     if progress is not None and start:
         progress.update(start)
     for step in range(start + 1, n_rollouts + 1):
-        # --- 1. rollout ------------------------------------------------------------
+        # --- 1-2. rollout and scoring ------------------------------------------------
         picked = []
         while len(picked) < batch:
             if not order:
@@ -314,105 +769,55 @@ def train_ppo(
                 rng.shuffle(order)
             picked.append(samples[order.pop()])
         # Every process drew the same `picked` (same `rng`); each rolls out its share.
-        picked = picked[rank * share : (rank + 1) * share]
-        queries = [s.query for s in picked]
-        if cfg.rollout == "offline":
-            responses = [s.response for s in picked]
-            scores = [float(s.score) for s in picked]
-        else:
-            responses = _generate(inner.policy, tokenizer, queries, cfg, device)
-            texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-            scores = reward_source.score(
-                [s.decision.chat_prompt(cfg.system_prompt) for s in picked],
-                texts,
-                [s.decision for s in picked],
-            )
-        ids, att = _pad([q + r for q, r in zip(queries, responses, strict=True)], pad_id)
-        mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
-        for i, (q, r) in enumerate(zip(queries, responses, strict=True)):
-            mask[i, len(q) - 1 : len(q) - 1 + len(r)] = 1.0
-        ids, att, mask = ids.to(device), att.to(device), mask.to(device)
-        score_t = torch.tensor(scores, dtype=torch.float32, device=device)
+        mine = picked[rank * share : (rank + 1) * share]
+        traj = generate_trajectory(
+            module,
+            inner.policy,
+            mine,
+            cfg,
+            inputs,
+            tokenizer,
+            accelerator.device,
+            accelerator.autocast,
+        )
+        if world > 1:
+            traj = _gather_trajectory(accelerator, traj, tokenizer.pad_token_id)
+        score_norm.update(traj.raw_scores)
+        traj.scores = score_norm(traj.raw_scores)
 
-        # --- 2-3. old log-probs, reference, values, rewards, advantages -------------
+        # --- 3. rewards and advantages -------------------------------------------------
         with torch.no_grad():
-            old_logp, old_values, _ = module(ids, att)
-            ref_logp, _, _ = module(ids, att, reference=True)
-            if world > 1:
-                ids, att, mask, old_logp, old_values, ref_logp, score_t = _gather_batch(
-                    accelerator, pad_id, ids, att, mask, old_logp, old_values, ref_logp, score_t
-                )
-            rewards, kl = pm.compute_rewards(
-                score_t, old_logp, ref_logp, mask, kl_ctl.value, cfg.kl_estimator
-            )
-            adv, returns = pm.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                adv = pm.masked_whiten(adv, mask)
+            _, kl = compute_advantages(traj, kl_ctl.value, cfg)
 
-        # --- 4. PPO epochs over minibatches ----------------------------------------
-        stats: dict[str, list[float]] = {
-            k: []
-            for k in (
-                "policy_loss",
-                "value_loss",
-                "clipfrac",
-                "approx_kl",
-                "value_clipfrac",
-                "entropy",
-            )
-        }
-        for _ in range(cfg.ppo_epochs):
-            perm = torch.randperm(
-                batch, generator=torch.Generator().manual_seed(rng.getrandbits(31))
-            )
-            for start in range(0, batch, mini):
-                mb = perm[start : start + mini]
-                # This process's micro-batches: every world-th of the minibatch's.
-                mine = list(range(rank * micro, mini, world * micro))
-                for i, m0 in enumerate(mine):
-                    idx = mb[m0 : m0 + micro].to(device)
-                    last = i == len(mine) - 1
-                    # DDP all-reduces gradients on the last micro-batch only.
-                    sync = contextlib.nullcontext() if last else accelerator.no_sync(module)
-                    with sync:
-                        logp, values, entropy = module(ids[idx], att[idx])
-                        m = mask[idx]
-                        pg, clipfrac, approx_kl = pm.policy_loss(
-                            logp, old_logp[idx], adv[idx], m, cfg.cliprange
-                        )
-                        vf, vclip = pm.value_loss(
-                            values, old_values[idx], returns[idx], m, cfg.cliprange_value
-                        )
-                        loss = (pg + cfg.vf_coef * vf) / cfg.gradient_accumulation_steps
-                        accelerator.backward(loss)
-                    for k, v in (
-                        ("policy_loss", pg),
-                        ("value_loss", vf),
-                        ("clipfrac", clipfrac),
-                        ("approx_kl", approx_kl),
-                        ("value_clipfrac", vclip),
-                        ("entropy", pm.masked_mean(entropy.detach(), m)),
-                    ):
-                        stats[k].append(float(v.detach()))
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+        # --- 4. PPO epochs over minibatches --------------------------------------------
+        losses = ppo_step(
+            module,
+            traj,
+            cfg,
+            accelerator=accelerator,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            params=params,
+            rng=rng,
+        )
 
-        # --- 5. KL control and logging ---------------------------------------------
-        losses = {k: sum(v) / len(v) for k, v in stats.items()}
+        # --- 5. KL control and logging -------------------------------------------------
         if world > 1:  # every process ran as many micro-batches: the mean of means
-            means = accelerator.reduce(torch.tensor(list(losses.values()), device=device), "mean")
+            means = accelerator.reduce(
+                torch.tensor(list(losses.values()), device=accelerator.device), "mean"
+            )
             losses = dict(zip(losses, means.tolist(), strict=True))
+        mask = traj.response_mask
         seq_kl = float((kl * mask).sum(dim=1).mean())
         kl_ctl.update(seq_kl, batch)
         record = {
-            "ppo/score_mean": float(score_t.mean()),
-            "ppo/score_std": float(score_t.std()) if batch > 1 else 0.0,
+            "ppo/score_mean": float(traj.raw_scores.mean()),
+            "ppo/score_std": float(traj.raw_scores.std()) if batch > 1 else 0.0,
             "ppo/kl": seq_kl,
             "ppo/kl_coef": float(kl_ctl.value),
-            "ppo/returns_mean": float(pm.masked_mean(returns, mask)),
-            "ppo/response_length": float(mask.sum(dim=1).mean()),
+            "ppo/entropy": float(pm.masked_mean(traj.entropy, mask)),
+            "ppo/returns_mean": float(pm.masked_mean(traj.returns, mask)),
+            "ppo/response_length": float(mask.sum(dim=1).float().mean()),
             "train/learning_rate": float(scheduler.get_last_lr()[0]),
             **{f"ppo/{k}": v for k, v in losses.items()},
         }
@@ -439,38 +844,54 @@ def train_ppo(
                     rng,
                     order,
                     history,
+                    score_norm=score_norm,
                 )
         if stopping:
             break
     if progress is not None:
         progress.close()
-    if reward_source is not None and accelerator.is_main_process:
+    if inputs.reward_source is not None and accelerator.is_main_process:
         log_metrics(
-            {f"reward_source/{k}": float(v) for k, v in reward_source.stats().items()}, n_rollouts
+            {f"reward_source/{k}": float(v) for k, v in inputs.reward_source.stats().items()},
+            n_rollouts,
         )
-    last = history[-1]
-    metrics = {
+    trained = accelerator.unwrap_model(module).policy
+    if reference is not None:
+        trained.delete_adapter(reference)  # save_pretrained would save it too
+    return summary_metrics(history, n_rollouts), trained, inner.v_head
+
+
+def summary_metrics(history: list[dict[str, float]], n_rollouts: int) -> dict[str, float]:
+    """The job's final PPO figures (TuningResult.metrics, simtune.json, the CLI table)."""
+    first, last = history[0], history[-1]
+    return {
         "global_step": float(n_rollouts),
-        "score_mean_first": history[0]["ppo/score_mean"],
+        "score_mean_first": first["ppo/score_mean"],
         "score_mean_last": last["ppo/score_mean"],
         "kl_last": last["ppo/kl"],
+        "entropy_first": first["ppo/entropy"],
+        "entropy_last": last["ppo/entropy"],
         "policy_loss_last": last["ppo/policy_loss"],
         "value_loss_last": last["ppo/value_loss"],
     }
-    return metrics, accelerator.unwrap_model(module).policy, inner.v_head
 
 
-def _gather_batch(accelerator: Any, pad_id: int, *tensors: Any) -> list[Any]:
+def _gather_trajectory(accelerator: Any, traj: Trajectory, pad_id: int) -> Trajectory:
     """Each process's rollout share -> the whole batch, in rank order, on every process.
-    Shares are right-padded to the widest one first (ids with the pad token, the rest
-    with 0, which the attention mask and the response mask both ignore)."""
-    ids, *rest = tensors
-    out = [accelerator.gather(accelerator.pad_across_processes(ids, dim=1, pad_index=pad_id))]
-    for t in rest:
+    Queries are left-padded and responses right-padded to the widest share first (ids
+    with the pad token, the rest with 0, which both masks ignore)."""
+    out = {}
+    for f in dataclasses.fields(traj):
+        t = getattr(traj, f.name)
+        if t is None:
+            out[f.name] = None
+            continue
         if t.dim() > 1:
-            t = accelerator.pad_across_processes(t, dim=1, pad_index=0)
-        out.append(accelerator.gather(t.contiguous()))
-    return out
+            pad = pad_id if f.name in ("query_ids", "response_ids") else 0
+            first = f.name in ("query_ids", "query_mask")
+            t = accelerator.pad_across_processes(t, dim=1, pad_index=pad, pad_first=first)
+        out[f.name] = accelerator.gather(t.contiguous())
+    return Trajectory(**out)
 
 
 PPO_STATE_FILE = "ppo_state.json"
@@ -487,6 +908,8 @@ def save_checkpoint(
     order: list[int],
     history: list[dict[str, float]],
     keep: int = 2,
+    *,
+    score_norm: Any = None,
 ) -> Path:
     """Write checkpoint-<step>: trainable weights (LoRA + value head), optimizer and
     scheduler state, torch RNG states, and (last, as the completeness marker) a JSON of
@@ -523,6 +946,7 @@ def save_checkpoint(
         "order": order,
         "python_rng": [version, list(internal), gauss],
         "history": history,
+        "score_norm": score_norm.state_dict() if score_norm is not None else None,
     }
     (tmp / PPO_STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
@@ -544,6 +968,8 @@ def load_checkpoint(
     scheduler: Any,
     kl_ctl: Any,
     rng: random.Random,
+    *,
+    score_norm: Any = None,
 ) -> tuple[int, list[int], list[dict[str, float]]]:
     """Restore what `save_checkpoint` wrote; returns (step, sample order, history)."""
     import torch
@@ -565,6 +991,8 @@ def load_checkpoint(
     if blob["cuda_rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(blob["cuda_rng"])
     kl_ctl.load_state_dict(state["kl_ctl"])
+    if score_norm is not None and state.get("score_norm"):
+        score_norm.load_state_dict(state["score_norm"])
     version, internal, gauss = state["python_rng"]
     rng.setstate((version, tuple(internal), gauss))
     return int(state["step"]), list(state["order"]), list(state["history"])

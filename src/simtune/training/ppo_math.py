@@ -13,6 +13,7 @@ the mask may hold anything (padding logits give garbage log-probs), so we select
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "RunningScoreNorm",
     "compute_rewards",
     "entropy_from_logits",
     "gae",
@@ -30,7 +32,9 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "sampling_logprobs",
     "value_loss",
+    "warp_logits",
 ]
 
 
@@ -77,21 +81,71 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     return torch.where(keep, out, torch.zeros_like(out))
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
-    """log softmax(logits)[labels]: (B, T, V), (B, T) -> (B, T) float32.
+def warp_logits(
+    logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
+) -> Tensor:
+    """The logits a sampler draws from: divided by `temperature`, then -inf outside the top-k
+    tokens (`top_k` > 0), then outside the nucleus (`top_p` < 1). (..., V) -> (..., V) float32.
 
-    Computed as logit[label] - logsumexp(logits), one row at a time: the peak extra memory is
-    one (T, V) float32 buffer instead of a full (B, T, V) log-softmax (V is ~150k for recent
-    tokenizers, so that is GBs), at the cost of a Python loop over B.
+    The same steps, in the same order and with the same tie rules, as transformers'
+    TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper (tests check equality), so
+    log-probs computed here are those of the distribution `generate` sampled from.
     """
-    rows = []
+    out = logits.float() / temperature
+    if top_k > 0 and top_k < out.shape[-1]:
+        kth = torch.topk(out, top_k, dim=-1).values[..., -1:]
+        out = out.masked_fill(out < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(out, dim=-1, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= (1 - top_p)
+        drop_sorted[..., -1:] = False  # always keep the most likely token
+        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+        out = out.masked_fill(drop, float("-inf"))
+    return out
+
+
+def sampling_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    *,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of `labels` (and, optionally, the entropy) under the sampling distribution
+    `warp_logits` describes: (B, T, V), (B, T) -> (B, T) float32, and (B, T) or None.
+
+    With top-k/top-p the label's own logit is always kept in the support: a token sampled
+    from the set must not fall out of it through a rounding difference between the cached
+    generation pass and this teacher-forced one (or, for the updated policy, because its set
+    moved), which would give log 0 = -inf and a NaN step. Without them this is exactly
+    log_softmax(logits / temperature)[labels]. One row at a time: the peak extra memory is
+    one (T, V) float32 buffer instead of a (B, T, V) one (V is ~150k for recent tokenizers).
+    """
+    rows, entropies = [], []
+    masked = top_k > 0 or top_p < 1.0
     for row_logits, row_labels in zip(logits, labels, strict=True):
-        row_logits = row_logits.float()
-        picked = row_logits.gather(-1, row_labels.long().unsqueeze(-1)).squeeze(-1)
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+        row_labels = row_labels.long().unsqueeze(-1)
+        warped = warp_logits(row_logits, temperature, top_k, top_p)
+        if with_entropy:
+            entropies.append(entropy_from_logits(warped.unsqueeze(0))[0])
+        if masked:
+            own = (row_logits.float() / temperature).gather(-1, row_labels)
+            warped = warped.scatter(-1, row_labels, own)
+        picked = warped.gather(-1, row_labels).squeeze(-1)
+        rows.append(picked - torch.logsumexp(warped, dim=-1))
     if not rows:
-        return logits.new_zeros(labels.shape, dtype=torch.float32)
-    return torch.stack(rows)
+        empty = logits.new_zeros(labels.shape, dtype=torch.float32)
+        return empty, (empty.clone() if with_entropy else None)
+    return torch.stack(rows), (torch.stack(entropies) if with_entropy else None)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor) -> Tensor:
+    """log softmax(logits)[labels]: (B, T, V), (B, T) -> (B, T) float32 (`sampling_logprobs`
+    at temperature 1 with the full vocabulary)."""
+    return sampling_logprobs(logits, labels)[0]
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -217,17 +271,19 @@ def value_loss(
 ) -> tuple[Tensor, Tensor]:
     """Clipped value loss: 0.5 * masked_mean(max((V - R)^2, (V_clipped - R)^2)).
 
-    V_clipped stays within cliprange_value of the rollout's values, so one batch cannot drag
-    the value head far (its scale differs from the policy's, hence a separate range). Returns
-    (loss, clipfrac), clipfrac detached.
+    V_clipped = clamp(V, V_old - c, V_old + c) stays within cliprange_value of the rollout's
+    values, so one batch cannot drag the value head far (its scale differs from the
+    policy's, hence a separate range). Clamping V itself (TRL's formula) rather than adding a
+    clamped delta to V_old keeps V_clipped bit-identical to V inside the range, so clipfrac
+    (the share of tokens where the clipped term is larger) is 0 when nothing is clipped;
+    `V_old + clamp(V - V_old)` differs from V in the last bit and counted about half of the
+    unclipped tokens. Returns (loss, clipfrac), clipfrac detached.
     """
     keep = _keep(mask)
     zeros = torch.zeros_like(values)
-    delta = torch.where(keep, values - old_values, zeros)
+    clipped_values = torch.clamp(values, old_values - cliprange_value, old_values + cliprange_value)
     err = torch.where(keep, values - returns, zeros)
-    err_clipped = torch.where(
-        keep, old_values + torch.clamp(delta, -cliprange_value, cliprange_value) - returns, zeros
-    )
+    err_clipped = torch.where(keep, clipped_values - returns, zeros)
     unclipped = err.square()
     clipped = err_clipped.square()
     loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), keep)
@@ -281,3 +337,70 @@ class AdaptiveKLController:
         self.value = float(d["value"])
         self.target = float(d.get("target", self.target))
         self.horizon = int(d.get("horizon", self.horizon))
+
+
+class RunningScoreNorm:
+    """Online scores normalised with running statistics of every score seen so far.
+
+    'zscore': (s - mean) / std over all scores so far (this batch included; Chan et al.'s
+    parallel update of mean and variance), which makes the balance between the score and
+    the KL penalty independent of the reward's scale -- a share of digits in [0, 0.1] and a
+    profit in [-1000, 1000] train alike under the same kl_coef (TRL's old PPOTrainer
+    `use_score_norm`; OpenRLHF's `normalize_reward`). 'minmax': linearly onto [-1, 1] by
+    the running minimum and maximum. 'none': unchanged. While every score so far is equal
+    only the mean (zscore) or the midpoint (minmax) is subtracted.
+    """
+
+    def __init__(self, method: str = "zscore") -> None:
+        if method not in ("zscore", "minmax", "none"):
+            raise ValueError(f"unknown score normalisation {method!r}")
+        self.method = method
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
+        self.low = math.inf
+        self.high = -math.inf
+
+    def update(self, scores: Tensor) -> None:
+        values = [float(v) for v in scores.detach().flatten().tolist()]
+        if not values:
+            return
+        n = len(values)
+        mean = sum(values) / n
+        m2 = sum((v - mean) ** 2 for v in values)
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += m2 + delta * delta * self.count * n / total
+        self.count = total
+        self.low = min(self.low, *values)
+        self.high = max(self.high, *values)
+
+    def __call__(self, scores: Tensor) -> Tensor:
+        if self.method == "none" or self.count == 0:
+            return scores
+        if self.method == "zscore":
+            std = math.sqrt(self.m2 / self.count)
+            shifted = scores - self.mean
+            return shifted / std if std > 1e-8 * max(1.0, abs(self.mean)) else shifted
+        mid, half = (self.high + self.low) / 2, (self.high - self.low) / 2
+        shifted = scores - mid
+        return shifted / half if half > 1e-8 * max(1.0, abs(mid)) else shifted
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "count": self.count,
+            "mean": self.mean,
+            "m2": self.m2,
+            "low": self.low if math.isfinite(self.low) else None,
+            "high": self.high if math.isfinite(self.high) else None,
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.method = str(d["method"])
+        self.count = int(d["count"])
+        self.mean = float(d["mean"])
+        self.m2 = float(d["m2"])
+        self.low = math.inf if d.get("low") is None else float(d["low"])
+        self.high = -math.inf if d.get("high") is None else float(d["high"])
