@@ -32,7 +32,13 @@ def _expert_decisions(ws: Path, episodes: int, seed: int, env: str) -> Path:
     from simtune.sims import run_simulation
 
     result = run_simulation(
-        "job_market", "expert", episodes=episodes, steps=4, seed=seed, workspace=str(ws), env_name=env
+        "job_market",
+        "expert",
+        episodes=episodes,
+        steps=4,
+        seed=seed,
+        workspace=str(ws),
+        env_name=env,
     )
     return Path(result.path)
 
