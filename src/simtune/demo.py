@@ -528,10 +528,16 @@ def _eval_scores(report: Any, names: dict[str, str]) -> list[ModelScore]:
 
 def llm_policy(url: str, model: str | None, *, temperature: float, concurrency: int = 4) -> Any:
     """An `LLMPolicy` answering with at most `ANSWER_TOKENS` tokens."""
+    from simtune.evaluation import LOCAL_TIMEOUT_S
     from simtune.sims import LLMPolicy
 
     return LLMPolicy(
-        url, model, temperature=temperature, max_tokens=ANSWER_TOKENS, concurrency=concurrency
+        url,
+        model,
+        temperature=temperature,
+        max_tokens=ANSWER_TOKENS,
+        concurrency=concurrency,
+        timeout=LOCAL_TIMEOUT_S,
     )
 
 
