@@ -123,6 +123,7 @@ def test_gguf_to_sft_makes_valid_json_far_more_often_than_the_base(gguf, tmp_pat
     from simtune.decisions import read_dataset
 
     prompt = read_dataset([str(heldout)]).decisions[0].chat_prompt(None)
+    mlflow.set_tracking_uri(result.tracking_uri)  # conftest resets it after the test
     model = mlflow.pyfunc.load_model(result.model_uri)
     (answer,) = model.predict([prompt], params={"max_new_tokens": 24})
     assert isinstance(json.loads(answer), dict), answer
