@@ -131,15 +131,8 @@ defaults for an --llm_path without --config). A pretrained model has the format
 half-learnt already; the steps go into which vacancy, applicant and offer to pick."""
 
 REAL_PPO_OPTIONS: dict[str, Any] = {
-    "rollout": "offline",
+    **PPO_OPTIONS,
     "learning_rate": 2e-4,
-    "per_device_train_batch_size": 8,
-    "ppo_epochs": 2,
-    "warmup_ratio": 0.0,
-    "lr_scheduler_type": "constant",
-    "lora_dropout": 0.0,
-    "max_length": 256,
-    "logging_steps": 1,
     # A pretrained base is a sensible reference (unlike the tiny random one): a small
     # KL penalty keeps the policy's answers in the language it knows.
     "kl_coef": 0.02,
