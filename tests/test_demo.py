@@ -30,7 +30,7 @@ def test_quick_demo_runs_every_stage_and_ppo_is_not_below_base(tmp_path):
     out = " ".join(proc.stdout.split())
     result = json.loads((ws / "demo_result.json").read_text())
     stages = [s["name"] for s in result["stages"]]
-    assert stages == ["model", "expert", "sft", "collect", "ppo", "eval"]
+    assert stages == ["model", "base", "expert", "sft", "collect", "ppo", "eval"]
 
     # 1. expert demonstrations, every one scored by the environment
     expert = _decisions(result["expert_data"])

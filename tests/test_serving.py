@@ -61,9 +61,12 @@ def engine(trained):
     from simtune.serving import Engine
 
     ws, a, b = trained
-    # CPU even where a GPU is present: fp32, so greedy answers equal the reference exactly
-    # (bf16 batches may flip near-tied tokens of the random model).
-    eng = Engine.load([a.model_id, b.model_id], workspace=ws, max_new_tokens=CAP, device="cpu")
+    # CPU even where a GPU is present, and fp32 (auto would pick bf16 on a CPU with
+    # AVX512-BF16/AMX): greedy answers equal the fp32 reference exactly (bf16 batches may
+    # flip near-tied tokens of the random model).
+    eng = Engine.load(
+        [a.model_id, b.model_id], workspace=ws, max_new_tokens=CAP, device="cpu", precision="fp32"
+    )
     yield eng
     eng.close()
 

@@ -98,7 +98,12 @@ def test_completion_only_labels_and_left_truncation(tiny_model):
 
 
 def test_batch_size_times_accumulation_invariant(tiny_model, tmp_path):
-    """TRL's invariant: 8 x 1 and 1 x 8 take the same optimizer step."""
+    """TRL's invariant: 8 x 1 and 1 x 8 take the same optimizer step. In fp32: bf16
+    rounds the padded (8 x 1) and unpadded (1 x 8) batches differently, and Adam's first
+    step is lr x sign(gradient), so a near-zero gradient flips a weight by 2 x lr.
+    1e-5 (0.2% of that first step): the LM head scores the gathered answer rows of the
+    batch, and a matmul over 8 x 1 rows sums in another order than over 1 x 8 (measured:
+    one weight of 1024 off by 1.1e-6)."""
     import torch
 
     from simtune.training.model import load_model
@@ -112,6 +117,7 @@ def test_batch_size_times_accumulation_invariant(tiny_model, tmp_path):
             per_device_train_batch_size=bs,
             gradient_accumulation_steps=acc,
             max_samples=8,
+            precision="fp32",
         )
         ex.input_ids, ex.completion_mask = ex.input_ids[:8], ex.completion_mask[:8]
         torch.manual_seed(0)
@@ -127,7 +133,7 @@ def test_batch_size_times_accumulation_invariant(tiny_model, tmp_path):
     (loss_a, wa), (loss_b, wb) = results
     assert loss_a == pytest.approx(loss_b, rel=1e-4)
     for name in wa:
-        assert torch.allclose(wa[name], wb[name], atol=1e-6), name
+        assert torch.allclose(wa[name], wb[name], atol=1e-5), name
 
 
 def test_run_tuning_trains_tracks_and_registers(trained):

@@ -114,8 +114,11 @@ def run_tuning(
         if final_dir.exists():
             raise ConfigError(f"--output_dir: {final_dir} already exists; choose another")
 
-    from simtune.training.model import load_tokenizer
+    from simtune.training.model import load_tokenizer, resolve_precision
 
+    # Fails on an impossible choice (fp16 on CPU) before any run opens.
+    precision = resolve_precision(cfg.requested_precision())
+    log.info("precision: %s (%s)", precision.name, precision.reason)
     tokenizer = load_tokenizer(spec, trust_remote_code=cfg.trust_remote_code)
     prepared = _prepare(cfg, selection.decisions, tokenizer, stats, spec)
 
@@ -150,6 +153,7 @@ def run_tuning(
         "simtune.model_id": model_id,
         "simtune.tuning_mode": cfg.tuning_mode,
         "simtune.base_model": spec.base,
+        "simtune.precision": precision.name,
     }
     published = False
     finished = False
@@ -189,7 +193,9 @@ def run_tuning(
                     "path": spec.base,
                     "is_local": spec.base_is_local,
                     "fingerprint": spec.base_fingerprint,
+                    **({"gguf": spec.gguf} if spec.gguf else {}),
                 },
+                "precision": precision.to_dict(),
                 "continued_from_adapter": spec.adapter,
                 "config": cfg.to_dict(),
                 "dataset": stats,
@@ -423,8 +429,9 @@ def _train_mode(
     stop: _StopRequest,
 ) -> tuple[dict[str, float], Any, Any]:
     """The mode's recipe: (final metrics, trained PEFT model, PPO value head or None)."""
-    from simtune.training.model import load_model
+    from simtune.training.model import load_model, resolve_precision
 
+    precision = resolve_precision(cfg.requested_precision())
     resume = str(checkpoint) if checkpoint is not None else None
     if cfg.tuning_mode == "reward":
         from simtune.training.reward_model import train_reward_model
@@ -443,8 +450,7 @@ def _train_mode(
     model = load_model(
         spec,
         trainable_adapter=True,
-        bf16=cfg.bf16,
-        fp16=cfg.fp16,
+        precision=precision,
         trust_remote_code=cfg.trust_remote_code,
     )
     if cfg.tuning_mode == "sft":

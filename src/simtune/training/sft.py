@@ -266,6 +266,9 @@ def training_arguments(args_cls: type, cfg: TuningConfig, output_dir: Path, **ex
 
     import torch
 
+    from simtune.training.model import resolve_precision
+
+    precision = resolve_precision(cfg.requested_precision())
     names = {f.name for f in dataclasses.fields(args_cls)}
     # transformers 5 folded warmup_ratio into warmup_steps (a float < 1 is a ratio) ...
     warmup = "warmup_ratio" if "warmup_ratio" in names else "warmup_steps"
@@ -298,8 +301,10 @@ def training_arguments(args_cls: type, cfg: TuningConfig, output_dir: Path, **ex
         save_total_limit=2,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=cfg.bf16,
-        fp16=cfg.fp16,
+        bf16=precision.name == "bf16",
+        fp16=precision.name == "fp16",
+        # The Trainer refuses bf16 on a CPU unless told it trains there.
+        use_cpu=precision.device == "cpu",
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -348,6 +353,8 @@ def train_sft(
     from peft import PeftModel
     from trl import SFTTrainer
 
+    from simtune.training.model import fp32_trainable, resolve_precision
+
     train = Dataset.from_dict(
         {"input_ids": examples.input_ids, "completion_mask": examples.completion_mask}
     )
@@ -360,8 +367,15 @@ def train_sft(
         peft_config=None if isinstance(model, PeftModel) else lora_config(cfg),
         callbacks=[*callbacks, *([stop_callback(should_stop)] if should_stop else [])],
     )
+    fp32_trainable(trainer.model)
+    levers = speed_levers(trainer, resolve_precision(cfg.requested_precision()), examples)
+    log.info("SFT speed levers: %s", ", ".join(f"{k} {v}" for k, v in levers.items()))
     _quiet_progress(trainer)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    finally:
+        # The trained model may run outside the Trainer's autocast from here on.
+        set_lora_input_casting(trainer.model, True)
     metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     metrics.update(train_loss=float(result.training_loss), global_step=float(result.global_step))
     return metrics, trainer.model
@@ -399,3 +413,171 @@ def _quiet_progress(trainer: Any) -> None:
 
     if trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(LossOnBar())
+
+
+EAGER_ATTENTION_MAX_TOKENS = 256
+"""On CPU, examples up to this long (90th percentile) train with eager attention: for
+SmolLM2's 9 heads of 64 at 170 tokens, eager bf16 matmuls + fp32 softmax took half
+the time of PyTorch's CPU flash-attention kernel forward + backward (34 vs 73 ms a
+layer, batch 4); at 512 tokens flash was faster (276 vs 408 ms). See bench/README.md."""
+
+
+def speed_levers(trainer: Any, precision: Any, examples: Examples) -> dict[str, str]:
+    """Apply what measurably speeds up LoRA SFT here (bench/sft_vs_trl.py) without
+    changing the maths; returns what was applied, for the log.
+
+    - LM head on answer positions only (`answer_only_lm_head`), on every device.
+    - On CPU, eager attention for short examples (`EAGER_ATTENTION_MAX_TOKENS`).
+    - Under bf16/fp16 autocast, no fp32 copy of each LoRA input: PEFT casts a bf16
+      activation to the fp32 adapter's dtype, then autocast casts it back to bf16 for
+      the matmul -- two copies of every adapted layer's input for nothing."""
+    levers = {"lm_head": "answer positions" if answer_only_lm_head(trainer) else "every position"}
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lengths = sorted(len(ids) for ids in examples.input_ids)
+    p90 = lengths[int(0.9 * (len(lengths) - 1))] if lengths else 0
+    if (
+        precision.device == "cpu"
+        and p90 <= EAGER_ATTENTION_MAX_TOKENS
+        and hasattr(base, "set_attn_implementation")
+        and getattr(base.config, "_attn_implementation", None) == "sdpa"
+    ):
+        try:
+            base.set_attn_implementation("eager")
+            levers["attention"] = f"eager (90% of examples <= {p90} tokens)"
+        except (ValueError, ImportError) as exc:  # a model without an eager path
+            log.info("keeping sdpa attention: %s", exc)
+    if precision.name in ("bf16", "fp16"):
+        n = set_lora_input_casting(model, False)
+        levers["lora_input"] = f"kept in {precision.name} under autocast ({n} layers)"
+    return levers
+
+
+def set_lora_input_casting(model: Any, enabled: bool) -> int:
+    """PEFT's cast of each LoRA layer's input to the adapter's dtype, on or off (off is
+    only valid under autocast, which casts for the matmul anyway); returns the layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.cast_input_dtype_enabled = enabled
+    return len(layers)
+
+
+_ANSWER_CHUNK = 1024
+"""Answer positions scored per LM-head tile: bounds the fp32 logits to 1024 x vocab
+(200 MB for a 49k vocabulary) however long the answers of a batch are."""
+
+
+def answer_only_lm_head(trainer: Any) -> bool:
+    """Make the trainer's LM head project only the positions the loss is on.
+
+    TRL's SFTTrainer calls ``model(..., labels=..., fused_lm_head=True)`` and reads
+    per-token log-probs, entropy and top-1 hits (`FusedCausalLMOutput`). Off Triton
+    (every CPU) TRL's fused head scores *every* position, in fp32: with a 49k vocabulary
+    and answers of ~6% of the tokens (the job market's), that head is ~20% of the
+    forward FLOPs spent on prompt positions whose predictions nothing uses, and the
+    same again in the backward. This replaces that head, on the base model, by one that
+    gathers the answer positions first (hidden states whose next-token label is not
+    -100), then projects them in fp32 tiles (autocast off: bf16-rounded logits bias the
+    log-softmax) -- the same numbers at answer positions, zeros elsewhere, as TRL's.
+
+    The loss, its normalisation (num_items_in_batch), the metrics and DDP are TRL's own
+    code, untouched. Returns False (and changes nothing) where the contract is not
+    there to keep: a TRL without the fused head, or a model whose logits are scaled or
+    soft-capped (Gemma 2, Cohere, Granite...) or that routes experts (MoE aux loss)."""
+    import types
+
+    try:
+        from trl.trainer.utils import FusedCausalLMOutput
+    except ImportError:
+        return False
+    model = trainer.model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    patched = base.__dict__.get("forward")  # TRL's instance-level fused forward
+    text_config = base.config.get_text_config()
+    scaled = any(
+        getattr(text_config, name, None) is not None
+        for name in (
+            "final_logit_softcapping",
+            "logit_scale",
+            "output_multiplier",
+            "logits_scaling",
+        )
+    ) or getattr(text_config, "lm_head_multiplier", None) not in (None, 1, 1.0)
+    if patched is None or scaled or getattr(text_config, "output_router_logits", False):
+        return False
+    backbone_attr = getattr(base, "base_model_prefix", "model")
+
+    def forward(
+        self: Any,
+        *args: Any,
+        fused_lm_head: bool = False,
+        labels: Any = None,
+        shift_labels: Any = None,
+        num_items_in_batch: Any = None,
+        **kwargs: Any,
+    ) -> Any:
+        if not fused_lm_head:  # generation, evaluation: TRL's (= the model's own) path
+            return patched(
+                *args,
+                labels=labels,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+                **kwargs,
+            )
+        kwargs["use_cache"] = False
+        hidden = getattr(self, backbone_attr)(*args, **kwargs).last_hidden_state
+        if shift_labels is None:
+            hidden, targets = hidden[:, :-1], labels[:, 1:]
+        else:
+            targets = shift_labels
+        mask = targets != -100
+        head = self.get_output_embeddings()
+        log_probs, entropy, is_top1 = _score_positions(
+            hidden[mask], head.weight, getattr(head, "bias", None), targets[mask]
+        )
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / count,
+            # masked_scatter keeps an all-prompt micro-batch connected to the graph.
+            log_probs=log_probs.new_zeros(mask.shape).masked_scatter(mask, log_probs),
+            entropy=entropy.new_zeros(mask.shape).masked_scatter(mask, entropy),
+            is_top1=is_top1.new_zeros(mask.shape).masked_scatter(mask, is_top1),
+            label_mask=mask,
+        )
+
+    base.forward = types.MethodType(forward, base)
+    return True
+
+
+def _score_positions(hidden: Any, weight: Any, bias: Any, targets: Any) -> tuple[Any, Any, Any]:
+    """(log p(target), entropy, target is the argmax) per row of `hidden` (n x d), with the
+    logits computed in fp32 in tiles of `_ANSWER_CHUNK` rows. With more than one tile each
+    is recomputed in the backward (activation checkpointing) instead of keeping n x vocab
+    fp32 logits; answers that fit one tile (the usual case) are not recomputed."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    def tile(h: Any, t: Any) -> tuple[Any, Any, Any]:
+        with torch.autocast(h.device.type, enabled=False):
+            logits = h.float() @ weight.float().t()
+            if bias is not None:
+                logits = logits + bias.float()
+            logp = torch.log_softmax(logits, dim=-1)
+            picked = logp.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+            with torch.no_grad():
+                entropy = -(logp.exp() * logp).sum(-1)
+                top1 = (logits.argmax(-1) == t).to(logits.dtype)
+        return picked, entropy, top1
+
+    n = hidden.shape[0]
+    if n <= _ANSWER_CHUNK:
+        return tile(hidden, targets)
+    parts = [
+        checkpoint(
+            tile, hidden[i : i + _ANSWER_CHUNK], targets[i : i + _ANSWER_CHUNK], use_reentrant=False
+        )
+        for i in range(0, n, _ANSWER_CHUNK)
+    ]
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
