@@ -700,7 +700,7 @@ def train_ppo(
     from transformers import get_scheduler
 
     from simtune.training import ppo_math as pm
-    from simtune.training.model import resolve_precision
+    from simtune.training.model import fp32_trainable, resolve_precision
 
     accelerator = Accelerator(
         mixed_precision=resolve_precision(cfg.requested_precision()).mixed_precision,
@@ -732,6 +732,7 @@ def train_ppo(
         else max(1, math.ceil(cfg.num_train_epochs * len(samples) / batch))
     )
     total_updates = n_rollouts * cfg.ppo_epochs * cfg.num_mini_batches
+    fp32_trainable(module)  # a bf16 base: LoRA, value head and AdamW state stay fp32
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
