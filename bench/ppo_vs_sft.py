@@ -162,8 +162,8 @@ def _install_ppo(probe: Probe) -> None:
 
     build = ppo._PolicyAndValue.build
 
-    def timed_build(policy: Any, adapter_dir: str | None) -> Any:
-        module = build(policy, adapter_dir)
+    def timed_build(*build_args: Any) -> Any:
+        module = build(*build_args)
         forward = module.forward
 
         def timed_forward(*args: Any, **kwargs: Any) -> Any:
@@ -177,7 +177,8 @@ def _install_ppo(probe: Probe) -> None:
                 dt = time.perf_counter() - t0
                 if grad:
                     probe.add("train_forward", dt)
-                    probe.count(args[1] if len(args) > 1 else kwargs["attention_mask"])
+                    # (query_ids, query_mask, response_ids, response_mask, ...)
+                    probe.count(torch.cat([args[1], args[3]], dim=1))
                 elif kwargs.get("reference"):
                     probe.add("rollout_reference", dt)
                 else:
