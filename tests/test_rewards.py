@@ -355,7 +355,13 @@ def reward_adapter(tiny_model, tokenizer, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("rm")
     metrics, model = train_reward_model(
-        rm_config(tiny_model), rm_decisions(), resolve_model(str(tiny_model)), tokenizer, work, []
+        # fp32: the checks below compare scores to 1e-4, finer than a bf16 base rounds.
+        rm_config(tiny_model, precision="fp32"),
+        rm_decisions(),
+        resolve_model(str(tiny_model)),
+        tokenizer,
+        work,
+        [],
     )
     out = work / "adapter"
     model.save_pretrained(str(out), safe_serialization=True)
