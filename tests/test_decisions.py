@@ -509,8 +509,16 @@ def test_invalid_jsonl_line_is_named(tmp_path: Path) -> None:
         ('{"prompt": "p", "output": "o", "step": 1.5}', "step", "expected an integer, got 1.5"),
         ('{"prompt": "p", "output": "o", "step": "3"}', "step", "expected an integer, got '3'"),
         ('{"prompt": "p", "output": "o", "step": true}', "step", "expected an integer"),
-        ('{"prompt": "p", "output": "o", "step": NaN}', "step", "expected a finite number, got nan"),
-        ('{"prompt": "p", "output": "o", "step": Infinity}', "step", "expected a finite number, got inf"),
+        (
+            '{"prompt": "p", "output": "o", "step": NaN}',
+            "step",
+            "expected a finite number, got nan",
+        ),
+        (
+            '{"prompt": "p", "output": "o", "step": Infinity}',
+            "step",
+            "expected a finite number, got inf",
+        ),
         ('{"prompt": "p", "output": "o", "feedback": 3}', "feedback", "expected a string, got int"),
         ('{"prompt": 7, "output": "o"}', "prompt", "expected a string or a list of chat messages"),
         ('{"messages": [{"content": "x"}], "output": "o"}', "messages[0]", "'role'"),

@@ -95,13 +95,13 @@ from simtune.aio_http import (
     LoopThread,
     app_runner,
     check_api_key,
-    check_headers,
     error_body,
     error_response,
     parse_body,
 )
 from simtune.aio_http import Reject as _Reject
 from simtune.config import resolve_workspace
+from simtune.decisions.schema import CHAT_ROLES
 from simtune.errors import ConfigError, ModelError, SimtuneError
 
 if TYPE_CHECKING:
@@ -1068,6 +1068,13 @@ def _plain_messages(messages: Any) -> list[dict[str, Any]]:
             raise RequestError(
                 400, f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
             )
+        if m["role"] not in CHAT_ROLES:
+            raise RequestError(
+                400,
+                f"messages[{i}].role: unknown role {m['role'][:50]!r} "
+                f"(expected one of {', '.join(CHAT_ROLES)})",
+                param=f"messages[{i}].role",
+            )
         content = m.get("content")
         if isinstance(content, list):
             parts = [p.get("text") for p in content if isinstance(p, dict)]
@@ -1421,7 +1428,6 @@ class Server:
             if not path.startswith("/v1/"):
                 raise _Reject(404, f"unknown path {request.path!r}", code="not_found")
             self._check_key(request)
-            check_headers(request.headers)
             endpoint = path[4:]
             if endpoint in ("chat/completions", "completions"):
                 if request.method != "POST":
