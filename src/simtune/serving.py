@@ -30,7 +30,8 @@ per-row routing costs ~25% over a single-adapter batch there); no batching ~1x.
 
 HTTP contract
 -------------
-- ``GET /health`` -> ``{"status": "ok", "models": [...]}`` (no key needed).
+- ``GET /health`` -> ``{"status": "ok", "models": [...]}`` (no key needed; with
+  ``api_key`` set, the model names only for a request carrying the key).
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the served names (adapters first, then
   ``base``), OpenAI's list shape plus ``root`` (the base model) and ``parent``.
 - ``POST /v1/chat/completions``: ``messages`` rendered with the tokenizer's chat template
@@ -43,7 +44,11 @@ HTTP contract
   ``usage`` counts prompt and completion tokens. ``n`` > 1, ``logprobs`` and ``echo``
   are refused (400); other OpenAI fields (penalties, seed, tools, ...) are ignored.
 - Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
-  malformed JSON, a body that is not an object, a missing/invalid field -> 400; a
+  a body that is not strict JSON (`simtune.jsontext`: NaN/Infinity, lone surrogates,
+  nesting over ``REQUEST_MAX_DEPTH``), a body that is not an object, a missing/invalid
+  field or message role, a prompt longer than the context (checked by its characters
+  before tokenizing, then by tokens; tokenizing runs off the event loop), a request
+  aiohttp's parser refuses -> 400; a
   ``model`` that is not served -> 404 (``code: "model_not_found"``); unknown path ->
   404; wrong method -> 405; body over 16 MiB -> 413; missing or wrong key when
   ``api_key`` is set -> 401 (``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``); an

@@ -58,9 +58,13 @@ and as a top-level field ``simtune_decision_id`` (the openai client keeps unknow
 A call that is forwarded but cannot be recorded (an empty answer, which the reader
 would refuse; a batched or token-id ``prompt``) gets no decision id.
 
-Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``: malformed
-JSON, a body that is not an object, missing or empty ``messages`` / ``prompt``, a
-malformed message, a bad ``X-Simtune-Step`` -> 400; unknown path -> 404; wrong method
+Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``: a body that
+is not strict JSON (`simtune.jsontext`: NaN/Infinity, lone surrogates, bytes that are not
+UTF-8, nesting over ``REQUEST_MAX_DEPTH``; ``param`` names the field), a body that is
+not an object, missing or empty ``messages`` / ``prompt``, a malformed message or an
+unknown role, a bad ``X-Simtune-Step``, a header holding bytes that are not UTF-8 (all
+checked before anything is forwarded, so a stream never starts) -> 400; a request
+aiohttp's parser refuses (request line, headers) -> 400 in the same shape; unknown path -> 404; wrong method
 -> 405; body over ``max_body_mb`` -> 413; missing or wrong key when ``api_key`` is set
 -> 401 (``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``); upstream unreachable ->
 502, upstream timeout -> 504. None of these is forwarded or recorded. An upstream
