@@ -29,6 +29,7 @@ RECORD_EXTRA_DEPTH = 4
 REQUEST_MAX_DEPTH = MAX_DEPTH - RECORD_EXTRA_DEPTH
 """Deepest nesting of an HTTP request body (proxy, `serve`)."""
 
+# Text that may hold a lone surrogate escape: only then are its strings looked at.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -61,7 +62,7 @@ def _constant(name: str) -> Any:
 
 def _float(text: str) -> float:
     value = float(text)
-    if not math.isfinite(value):
+    if value - value != 0.0:  # inf (1e999): not a finite number
         raise _NonFinite(f"the number {text[:40]} is too large for a float")
     return value
 
@@ -119,7 +120,9 @@ def find_problem(value: Any, max_depth: int = MAX_DEPTH) -> JSONTextError | None
 
 
 def _check(value: Any, text: str, max_depth: int) -> None:
-    if _SURROGATE_ESCAPE.search(text) or text.count("[") + text.count("{") > max_depth:
+    if text.count("[") + text.count("{") > max_depth or (
+        "\\u" in text and _SURROGATE_ESCAPE.search(text)
+    ):
         problem = find_problem(value, max_depth)
         if problem is not None:
             raise problem
