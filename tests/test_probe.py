@@ -126,6 +126,8 @@ def test_client_hanging_up_mid_body_is_one_info_line(
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert errors == [], [r.getMessage() for r in errors]
     assert not any(r.exc_info for r in caplog.records)
+    hung = [r for r in caplog.records if "client hung up" in r.getMessage()]
+    assert [r.levelno for r in hung] == [logging.INFO, logging.INFO]  # one line each
 
 
 def test_huge_prompt_is_refused_without_blocking_others(server):

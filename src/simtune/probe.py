@@ -98,7 +98,10 @@ def _dechunk(data: bytes) -> bytes:
         j = data.find(b"\r\n", i)
         if j < 0:
             return out
-        size = int(data[i:j].split(b";")[0] or b"0", 16)
+        try:
+            size = int(data[i:j].split(b";")[0] or b"0", 16)
+        except ValueError:  # not chunked after all (a broken answer): what there is
+            return out + data[i:]
         if size == 0:
             return out
         out += data[j + 2 : j + 2 + size]
