@@ -377,6 +377,20 @@ def proxy_cases(model: str) -> list[Case]:
             "X-Simtune-Step",
         ),  # noqa: E501
         Case("empty path segment", request("/agents//v1/chat/completions", good), 400),
+        Case(
+            "%FF in a path segment", request("/agents/%FF/v1/chat/completions", good), 400, "agents"
+        ),  # noqa: E501
+        Case(
+            "%ED%A0%80 in a path segment",
+            request("/runs/%ED%A0%80/v1/chat/completions", good),
+            400,
+            "runs",
+        ),  # noqa: E501
+        Case(
+            "raw \xff in the path",
+            request("/X", good).replace(b"/X", b"/agents/\xff/v1/chat/completions", 1),
+            400,
+        ),  # noqa: E501
         score(rewards, b'{"decision_id": "d1", "value": NaN}', "value"),
         score(rewards, b'{"decision_id": "d1", "value": "1"}', "value"),
         score(rewards, b'{"decision_id": "d\\ud800", "value": 1}', "decision_id"),

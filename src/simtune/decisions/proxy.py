@@ -49,7 +49,7 @@ header), or a path prefix before ``/v1`` made of ``runs/<run_id>``,
 ``agents/<agent_id>`` and ``types/<agent_type>`` pairs in any order, e.g.
 ``/runs/r7/agents/alice/v1/chat/completions``, so that frameworks which only let you set
 a base URL still attribute their calls. Segments are URL-decoded (``%2F`` for a slash)
-and must not be empty. A header wins over the path. Without either, the run is the
+and must be non-empty UTF-8 (else a 400 naming the segment). A header wins over the path. Without either, the run is the
 proxy's run id (``--run-id``, default one per proxy start) and agent id/type/step are null.
 
 Responses of recorded calls carry the decision id as header ``X-Simtune-Decision-Id``
@@ -209,7 +209,12 @@ def parse_prefix(raw_path: str) -> tuple[dict[str, str], str] | None:
         key = PATH_KEYS.get(seg)
         if key is None or key in attrs or i + 1 >= len(parts):
             return None
-        value = urllib.parse.unquote(parts[i + 1])
+        try:
+            value = urllib.parse.unquote(parts[i + 1], errors="strict")
+        except UnicodeDecodeError:
+            raise _Reject(
+                400, f"the {seg}/<value> segment is not UTF-8 once URL-decoded", param=seg
+            ) from None
         if not value.strip():
             raise _Reject(400, f"empty {seg}/<value> segment in the path {raw_path!r}")
         if len(value) > MAX_ID_CHARS:
