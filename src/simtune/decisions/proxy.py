@@ -49,8 +49,9 @@ header), or a path prefix before ``/v1`` made of ``runs/<run_id>``,
 ``agents/<agent_id>`` and ``types/<agent_type>`` pairs in any order, e.g.
 ``/runs/r7/agents/alice/v1/chat/completions``, so that frameworks which only let you set
 a base URL still attribute their calls. Segments are URL-decoded (``%2F`` for a slash)
-and must be non-empty UTF-8 (else a 400 naming the segment). A header wins over the path. Without either, the run is the
-proxy's run id (``--run-id``, default one per proxy start) and agent id/type/step are null.
+and must be non-empty UTF-8 (else a 400 naming the segment). A header wins over the
+path. Without either, the run is the proxy's run id (``--run-id``, default one per proxy
+start) and agent id/type/step are null.
 
 Responses of recorded calls carry the decision id as header ``X-Simtune-Decision-Id``
 and as a top-level field ``simtune_decision_id`` (the openai client keeps unknown fields:
@@ -64,9 +65,9 @@ UTF-8, nesting over ``REQUEST_MAX_DEPTH``; ``param`` names the field), a body th
 not an object, missing or empty ``messages`` / ``prompt``, a malformed message or an
 unknown role, a bad ``X-Simtune-Step``, a header holding bytes that are not UTF-8 (all
 checked before anything is forwarded, so a stream never starts) -> 400; a request
-aiohttp's parser refuses (request line, headers) -> 400 in the same shape; unknown path -> 404; wrong method
--> 405; body over ``max_body_mb`` -> 413; missing or wrong key when ``api_key`` is set
--> 401 (``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``); upstream unreachable ->
+aiohttp's parser refuses (request line, headers) -> 400 in the same shape; unknown
+path -> 404; wrong method -> 405; body over ``max_body_mb`` -> 413; missing or wrong key
+when ``api_key`` is set -> 401 (``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``); upstream unreachable ->
 502, upstream timeout -> 504. None of these is forwarded or recorded. An upstream
 non-2xx answer is passed through unchanged (status, body bytes, content type and the
 other end-to-end headers such as ``Retry-After``) and not recorded.
