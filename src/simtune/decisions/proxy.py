@@ -69,9 +69,8 @@ aiohttp's parser refuses (request line, headers) -> 400 in the same shape; unkno
 path -> 404; wrong method -> 405; body over ``max_body_mb`` -> 413; missing or wrong key
 when ``api_key`` is set -> 401 (``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``);
 upstream unreachable -> 502, upstream timeout -> 504. None of these is forwarded or
-recorded. An upstream
-non-2xx answer is passed through unchanged (status, body bytes, content type and the
-other end-to-end headers such as ``Retry-After``) and not recorded.
+recorded. An upstream non-2xx answer is passed through unchanged (status, body bytes,
+content type and the other end-to-end headers such as ``Retry-After``) and not recorded.
 
 Upstream credentials: ``upstream_api_key`` is sent as ``Authorization: Bearer ...``;
 without it the client's ``Authorization`` header is forwarded as is, unless it carries
