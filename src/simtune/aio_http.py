@@ -101,10 +101,14 @@ def error_response(exc: Reject) -> Any:
     """`exc` as an aiohttp JSON response with its status."""
     from aiohttp import web
 
-    return web.json_response(
+    resp = web.json_response(
         error_body(exc.message, type_=exc.type, param=exc.param, code=exc.code),
         status=exc.status,
     )
+    if exc.status == 413 or exc.code == "client_gone":
+        # The body is left unread (or the client is gone): close, rather than read on.
+        resp.force_close()
+    return resp
 
 
 def app_runner(app: Any, **kwargs: Any) -> Any:
@@ -152,6 +156,9 @@ def app_runner(app: Any, **kwargs: Any) -> Any:
             server.__class__ = _Server  # same object, our protocol factory
             return server
 
+    # No lingering read of a body left unread (a 413): aiohttp would go on reading it for
+    # 10 s; the connection is closed instead (bodies that are answered are read whole).
+    kwargs.setdefault("lingering_time", 0)
     return _Runner(app, **kwargs)
 
 

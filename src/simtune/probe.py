@@ -67,16 +67,15 @@ def send(port: int, data: bytes, timeout: float = 30.0) -> Answer:
             s.sendall(data)
         except (BrokenPipeError, ConnectionResetError):  # refused before it was all sent
             pass
-        chunks = []
-        while True:
+        raw = b""
+        while not _complete(raw):
             try:
                 b = s.recv(1 << 16)
             except ConnectionResetError:
                 break
             if not b:
                 break
-            chunks.append(b)
-    raw = b"".join(chunks)
+            raw += b
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     try:
@@ -90,6 +89,22 @@ def send(port: int, data: bytes, timeout: float = 30.0) -> Answer:
     if headers.get("transfer-encoding") == "chunked":
         body = _dechunk(body)
     return Answer(status, headers, body, raw)
+
+
+def _complete(raw: bytes) -> bool:
+    """Whether `raw` holds a whole answer with a Content-Length (a server may linger
+    before closing, reading what is left of a refused body)."""
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            try:
+                return len(body) >= int(value.strip())
+            except ValueError:
+                return False
+    return False
 
 
 def _dechunk(data: bytes) -> bytes:
