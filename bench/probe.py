@@ -16,7 +16,8 @@ and `serve` (`simtune.serving.Server`) on the tiny model. Fired at them:
 - *faults*: clients hanging up mid-body, mid-headers and mid-stream; survived when
   both servers still answer after each and nothing was logged at ERROR.
 
-Prints a markdown table; exits 1 if anything was not handled.
+Prints a markdown table (also bench/results/probe.{md,json}); exits 1 if anything was
+not handled.
 
 Usage
     .venv/bin/python bench/probe.py               # ~1-2 min on 2 cores
@@ -274,6 +275,23 @@ def main() -> int:
     out.append(f"| **all** | **{total}** | **{ok}** |")
     out.append(f"\n{elapsed:.0f} s; ERROR log lines: {len(errors.records)}")
     sys.stdout.write("\n".join(out) + "\n")
+    results = Path(__file__).resolve().parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / "probe.md").write_text("\n".join(out) + "\n", encoding="utf-8")
+    (results / "probe.json").write_text(
+        json.dumps(
+            {
+                "rows": [{"probe": n, "tried": t, "handled": h} for n, t, h in rows],
+                "tried": total,
+                "handled": ok,
+                "error_log_lines": len(errors.records),
+                "failures": failures,
+                "seconds": round(elapsed, 1),
+            },
+            indent=2,
+        ),
+        encoding="utf-8",
+    )
     for f in failures[:50]:
         sys.stdout.write(f"FAIL {f}\n")
     return 1 if failures else 0
