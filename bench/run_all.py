@@ -136,6 +136,18 @@ def _help() -> list[Row]:
     return [("`simtune --help` (s)", r, "< 0.5 s", r < 0.5)]
 
 
+def _probe() -> list[Row]:
+    d = _load("probe")
+    return [
+        (
+            "bad-input/fault probe: cases handled / tried",
+            d["handled"] / d["tried"],
+            "all",
+            d["handled"] == d["tried"],
+        ),
+    ]
+
+
 def _demo() -> list[Row]:
     run = _load("demo_time")["runs"][0]
     return [("demo wall time (s)", run["wall_s"], "<= 15 min", run["wall_s"] <= 900)]
@@ -161,6 +173,7 @@ SUITE = [
     Bench("ppo", "ppo_vs_sft.py", [], ["--runs", "1"], _ppo),
     Bench("ppo-online", "ppo_online.py", [], ["--runs", "1"], _ppo_online),
     Bench("serve", "serve_throughput.py", [], ["--runs", "1"], _serve),
+    Bench("probe", "probe.py", [], ["--rounds", "5", "--faults", "9"], _probe),
     Bench("demo", "demo_time.py", [], [], _demo),
 ]
 

@@ -58,6 +58,33 @@ CASES = {
         ["tr.jsonl:1", "'reward'"],
     ),
     "empty dataset": (lambda d: write(d / "empty.jsonl", "\n\n"), ["empty.jsonl", "empty"]),
+    # issue 14: each of these trained, or failed with a bare UnicodeEncodeError
+    "unknown chat role": (
+        lambda d: write(
+            d / "role.jsonl", '{"messages": [{"role": "wizard", "content": "x"}], "output": "y"}\n'
+        ),
+        ["role.jsonl:1", "field 'messages[0].role'", "unknown role 'wizard'"],
+    ),
+    "lone surrogate": (
+        lambda d: write(
+            d / "sur.jsonl", '{"decision_id": "d1", "prompt": "a\\ud800b", "output": "y"}\n'
+        ),
+        ["sur.jsonl:1", "field 'prompt'", "lone surrogate"],
+    ),
+    "nan in metadata": (
+        lambda d: write(
+            d / "nanm.jsonl",
+            '{"prompt": "a", "output": "b", "metadata": {"params": {"temperature": NaN}}}\n',
+        ),
+        ["nanm.jsonl:1", "field 'metadata.params.temperature'", "finite"],
+    ),
+    "nested too deep": (
+        lambda d: write(
+            d / "deep.jsonl",
+            '{"prompt": "a", "output": "b", "metadata": ' + "[" * 975 + "]" * 975 + "}\n",
+        ),
+        ["deep.jsonl:1", "nested more than 100 levels deep"],
+    ),
     "unreadable dir": (lambda d: (d / "sub").mkdir() or d / "sub", ["sub", "no decisions_"]),
 }
 
@@ -77,6 +104,26 @@ def test_bad_dataset(case, tmp_path, tiny_model, workspace):
     )
     one_line_error(proc, *needles)
     assert_nothing_left(workspace)
+    assert not (workspace / "mlflow.db").exists() and not (workspace / "jobs").exists()
+
+
+def test_offline_ppo_without_scores_names_the_file(tmp_path, tiny_model, workspace):
+    data = write(tmp_path / "unscored.jsonl", '{"prompt": "a", "output": "b"}\n' * 3)
+    before = sorted(p.name for p in workspace.iterdir())
+    proc = run_cli(
+        "train",
+        "--llm_path",
+        str(tiny_model),
+        "--dataset_path",
+        str(data),
+        "--tuning_mode",
+        "ppo",
+        "--workspace",
+        str(workspace),
+    )
+    one_line_error(proc, f"{data}: no scored records for offline PPO")
+    assert_nothing_left(workspace)
+    assert sorted(p.name for p in workspace.iterdir()) == before  # nothing created
 
 
 def test_zero_records_after_filters(tiny_model, workspace):

@@ -509,8 +509,16 @@ def test_invalid_jsonl_line_is_named(tmp_path: Path) -> None:
         ('{"prompt": "p", "output": "o", "step": 1.5}', "step", "expected an integer, got 1.5"),
         ('{"prompt": "p", "output": "o", "step": "3"}', "step", "expected an integer, got '3'"),
         ('{"prompt": "p", "output": "o", "step": true}', "step", "expected an integer"),
-        ('{"prompt": "p", "output": "o", "step": NaN}', "step", "expected an integer, got nan"),
-        ('{"prompt": "p", "output": "o", "step": Infinity}', "step", "expected an integer"),
+        (
+            '{"prompt": "p", "output": "o", "step": NaN}',
+            "step",
+            "expected a finite number, got nan",
+        ),
+        (
+            '{"prompt": "p", "output": "o", "step": Infinity}',
+            "step",
+            "expected a finite number, got inf",
+        ),
         ('{"prompt": "p", "output": "o", "feedback": 3}', "feedback", "expected a string, got int"),
         ('{"prompt": 7, "output": "o"}', "prompt", "expected a string or a list of chat messages"),
         ('{"messages": [{"content": "x"}], "output": "o"}', "messages[0]", "'role'"),
@@ -602,8 +610,8 @@ def test_top_level_value_that_is_not_a_record_list(
 @pytest.mark.parametrize(
     ("name", "text", "problem"),
     [
-        ("deep.jsonl", '{"prompt": ' + "[" * 100_000 + "\n", "nested too deeply"),
-        ("deep.json", "[" + "[" * 100_000 + "\n", "nested too deeply"),
+        ("deep.jsonl", '{"prompt": ' + "[" * 100_000 + "\n", "nested more than 100 levels deep"),
+        ("deep.json", "[" + "[" * 100_000 + "\n", "nested more than 100 levels deep"),
         (
             "long.jsonl",
             '{"prompt": "p", "output": "o", "n": ' + "1" * 5000 + "}\n",

@@ -148,6 +148,32 @@ def test_streaming_stats_equal_in_memory_sequential_and_parallel(
     )
 
 
+@pytest.mark.parametrize(
+    "line,field",
+    [
+        ('{"decision_id": "x9", "prompt": "a\\ud800", "output": "o"}', "prompt"),
+        ('{"decision_id": "x9", "prompt": "p", "output": "o", "metadata": {"t": NaN}}',
+         "metadata.t"),
+    ],
+)  # fmt: skip
+def test_parallel_stats_refuse_what_the_strict_parser_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str, field: str
+) -> None:
+    """Issue 14: the parallel stats workers parse with the same strict rules."""
+    bad = tmp_path / "bad.jsonl"
+    lines = [json.dumps({"decision_id": f"x{i}", "prompt": "p", "output": "o"}) for i in range(20)]
+    lines[9] = line
+    bad.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    monkeypatch.setattr(curate, "_PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(curate, "_CHUNK_BYTES", 300)
+    with pytest.raises(DataError) as strict:
+        read_dataset([str(bad)])
+    with pytest.raises(DataError) as streamed:
+        stream_stats([str(bad)], workers=2)
+    assert str(streamed.value) == str(strict.value)
+    assert str(strict.value).startswith(f"{bad}:10: field '{field}': ")
+
+
 def test_validate_reports_every_bad_line_among_many(tmp_path: Path) -> None:
     path = tmp_path / "decisions_v.jsonl"
     lines = [

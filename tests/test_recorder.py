@@ -168,7 +168,21 @@ BAD_CALLS = {
     "episode NaN": lambda r: r.episode_reward(float("nan")),
     "episode bad rule": lambda r: r.episode_reward(1.0, rule="bogus"),
     "episode bad gamma": lambda r: r.episode_reward(1.0, rule="discounted", gamma=2),
+    # issue 14: what the strict reader would refuse is never written
+    "NaN in metadata": lambda r: r.record(prompt="p", output="x", params={"t": float("nan")}),
+    "Infinity in context": lambda r: r.record(prompt="p", output="x", context=[float("inf")]),
+    "lone surrogate prompt": lambda r: r.record(prompt="a\ud800", output="x"),
+    "lone surrogate feedback": lambda r: r.rate("abc", 3, feedback="\udfff"),
+    "unknown role": lambda r: r.record(messages=[{"role": "wizard", "content": "x"}], output="y"),
+    "metadata nested too deep": lambda r: r.record(prompt="p", output="x", deep=_deep(150)),
 }
+
+
+def _deep(levels: int) -> Any:
+    value: Any = []
+    for _ in range(levels):
+        value = [value]
+    return value
 
 
 @pytest.mark.parametrize("call", list(BAD_CALLS.values()), ids=list(BAD_CALLS))

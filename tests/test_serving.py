@@ -347,7 +347,11 @@ def test_api_key_is_required_when_set(engine):
         good = openai.OpenAI(base_url=srv.url, api_key="sekrit", max_retries=0)
         assert "base" in [m.id for m in good.models.list().data]
         base = srv.url[: -len("/v1")]
-        assert urllib.request.urlopen(base + "/health").status == 200  # no key needed
+        with urllib.request.urlopen(base + "/health") as r:  # no key needed
+            assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}  # no names
+        req = urllib.request.Request(base + "/health", headers={"Authorization": "Bearer sekrit"})
+        with urllib.request.urlopen(req) as r:
+            assert "base" in json.loads(r.read())["models"]
 
 
 def test_resolve_served_from_the_mlflow_registry(trained, tiny_model, tmp_path):
@@ -470,7 +474,7 @@ def test_vllm_command_is_an_argument_list(trained):
 
     ws, a, b = trained
     served = resolve_all([a.model_id, b.model_id], workspace=ws)
-    cmd = vllm_command(served, host="127.0.0.1", port=8123, api_key="k", max_batch_size=4)
+    cmd = vllm_command(served, host="127.0.0.1", port=8123, max_batch_size=4)
     assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert cmd[cmd.index("--model") + 1] == served["base"].base_model
     assert cmd[cmd.index("--served-model-name") + 1] == "base"
@@ -479,7 +483,21 @@ def test_vllm_command_is_an_argument_list(trained):
         f"{a.model_id}={a.adapter_path}",
         f"{b.model_id}={b.adapter_path}",
     ]
-    assert "--enable-lora" in cmd and cmd[cmd.index("--api-key") + 1] == "k"
+    assert "--enable-lora" in cmd
+    assert cmd[cmd.index("--max-lora-rank") + 1] in ("8", "16", "32", "64", "128", "256")
+
+
+def test_vllm_gets_the_key_in_its_environment_and_an_accepted_lora_rank():
+    from simtune.errors import ConfigError
+    from simtune.serving import vllm_env, vllm_lora_rank
+
+    env = vllm_env("s3cret", "cuda:1", {"PATH": "/bin", "VLLM_API_KEY": "old"})
+    assert env == {"PATH": "/bin", "VLLM_API_KEY": "s3cret", "CUDA_VISIBLE_DEVICES": "1"}
+    assert "VLLM_API_KEY" not in vllm_env(None, None, {"VLLM_API_KEY": "old"})
+    got = [vllm_lora_rank(r) for r in (1, 8, 9, 16, 17, 33, 100, 200, 300, 320, 321, 512)]
+    assert got == [8, 8, 16, 16, 32, 64, 128, 256, 320, 320, 512, 512]
+    with pytest.raises(ConfigError, match="rank 513"):
+        vllm_lora_rank(513)
 
 
 def test_command_module_copies_match_and_stay_light():

@@ -19,6 +19,8 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from simtune import jsontext
+
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +57,33 @@ def error_body(
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def parse_body(body: bytes) -> Any:
+    """A request body by the strict rules of `simtune.jsontext` (400 naming the field)."""
+    try:
+        return jsontext.loads(body, max_depth=jsontext.REQUEST_MAX_DEPTH)
+    except jsontext.JSONTextError as exc:
+        where = f"{exc.field}: " if exc.field else ""
+        raise Reject(
+            400,
+            f"the request body is not valid JSON: {where}{exc.message[:200]}",
+            param=exc.field,
+            code="invalid_json",
+        ) from None
+
+
+def check_headers(headers: Any) -> None:
+    """400 naming the header when a value holds bytes that are not UTF-8 (aiohttp keeps
+    them as surrogate escapes, which can be neither recorded nor forwarded)."""
+    for name, value in headers.items():
+        if jsontext.has_surrogate(value):
+            raise Reject(
+                400,
+                f"header {name}: not UTF-8 text",
+                param=name,
+                code="invalid_header",
+            )
+
+
 def check_api_key(headers: Any, key: bytes | None, message: str) -> None:
     """Raise a 401 `Reject` unless `headers` carry `key` (``Authorization: Bearer KEY`` or
     ``X-Api-Key: KEY``); compared in constant time. No key configured: anything passes."""
@@ -72,10 +101,65 @@ def error_response(exc: Reject) -> Any:
     """`exc` as an aiohttp JSON response with its status."""
     from aiohttp import web
 
-    return web.json_response(
+    resp = web.json_response(
         error_body(exc.message, type_=exc.type, param=exc.param, code=exc.code),
         status=exc.status,
     )
+    if exc.status == 413 or exc.code == "client_gone":
+        # The body is left unread (or the client is gone): close, rather than read on.
+        resp.force_close()
+    return resp
+
+
+def app_runner(app: Any, **kwargs: Any) -> Any:
+    """An aiohttp ``AppRunner`` whose own errors (a request line or headers its parser
+    refuses, a body it cannot read) are answered in OpenAI's JSON error shape and logged
+    as one INFO line (a client's mistake, not the server's), instead of aiohttp's plain
+    text and an ERROR with a traceback. Relies on aiohttp's ``RequestHandler.handle_error``
+    (3.x): the hook aiohttp calls for exactly these."""
+    from aiohttp import web
+    from aiohttp.web_protocol import RequestHandler
+
+    class _Handler(RequestHandler):
+        def handle_error(
+            self,
+            request: Any,
+            status: int = 500,
+            exc: BaseException | None = None,
+            message: str | None = None,
+        ) -> web.StreamResponse:
+            if status >= 500:
+                return super().handle_error(request, status, exc, message)
+            log.info(
+                "refused a malformed request from %s: %d %s",
+                getattr(request, "remote", None),
+                status,
+                (message or str(exc or ""))[:200].replace("\n", " "),
+            )
+            if request.writer.output_size > 0:
+                raise ConnectionError("response already started: cannot send the error")
+            text = (message or "").split("\n")[0] or "malformed HTTP request"
+            resp = web.json_response(
+                error_body(f"malformed HTTP request: {text[:300]}", code="bad_http_request"),
+                status=status,
+            )
+            resp.force_close()
+            return resp
+
+    class _Server(web.Server):
+        def __call__(self) -> RequestHandler:
+            return _Handler(self, loop=self._loop, **self._kwargs)
+
+    class _Runner(web.AppRunner):
+        async def _make_server(self) -> web.Server:
+            server = await super()._make_server()
+            server.__class__ = _Server  # same object, our protocol factory
+            return server
+
+    # No lingering read of a body left unread (a 413): aiohttp would go on reading it for
+    # 10 s; the connection is closed instead (bodies that are answered are read whole).
+    kwargs.setdefault("lingering_time", 0)
+    return _Runner(app, **kwargs)
 
 
 class LoopThread:

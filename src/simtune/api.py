@@ -283,6 +283,18 @@ def _check_inputs(cfg: TuningConfig, workspace: Path) -> tuple[Any, ...]:
             f"no usable records ({len(dataset.decisions)} read; dropped by filters: {dropped})",
             path=where,
         )
+    if (
+        cfg.tuning_mode == "ppo"
+        and cfg.rollout == "offline"
+        and all(d.reward is None and d.rating is None for d in selection.decisions)
+    ):
+        where = dataset.files[0].path if len(dataset.files) == 1 else f"{len(dataset.files)} files"
+        raise DataError(
+            f"no scored records for offline PPO ({len(selection.decisions)} record(s) have "
+            "neither 'reward' nor 'rating'); add scores or use --rollout online with a "
+            "reward source",
+            path=where,
+        )
     stats = describe(dataset, selection)
     spec = resolve_model(cfg.llm_path or "", workspace)
     if cfg.deepspeed:

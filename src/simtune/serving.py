@@ -30,7 +30,8 @@ per-row routing costs ~25% over a single-adapter batch there); no batching ~1x.
 
 HTTP contract
 -------------
-- ``GET /health`` -> ``{"status": "ok", "models": [...]}`` (no key needed).
+- ``GET /health`` -> ``{"status": "ok", "models": [...]}`` (no key needed; with
+  ``api_key`` set, the model names only for a request carrying the key).
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the served names (adapters first, then
   ``base``), OpenAI's list shape plus ``root`` (the base model) and ``parent``.
 - ``POST /v1/chat/completions``: ``messages`` rendered with the tokenizer's chat template
@@ -43,7 +44,11 @@ HTTP contract
   ``usage`` counts prompt and completion tokens. ``n`` > 1, ``logprobs`` and ``echo``
   are refused (400); other OpenAI fields (penalties, seed, tools, ...) are ignored.
 - Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
-  malformed JSON, a body that is not an object, a missing/invalid field -> 400; a
+  a body that is not strict JSON (`simtune.jsontext`: NaN/Infinity, lone surrogates,
+  nesting over ``REQUEST_MAX_DEPTH``), a body that is not an object, a missing/invalid
+  field or message role, a prompt longer than the context (checked by its characters
+  before tokenizing, then by tokens; tokenizing runs off the event loop), a request
+  aiohttp's parser refuses -> 400; a
   ``model`` that is not served -> 404 (``code: "model_not_found"``); unknown path ->
   404; wrong method -> 405; body over 16 MiB -> 413; missing or wrong key when
   ``api_key`` is set -> 401 (``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``); an
@@ -91,9 +96,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simtune.aio_http import LoopThread, check_api_key, error_body, error_response
+from simtune.aio_http import (
+    LoopThread,
+    app_runner,
+    check_api_key,
+    error_body,
+    error_response,
+    parse_body,
+)
 from simtune.aio_http import Reject as _Reject
 from simtune.config import resolve_workspace
+from simtune.decisions.schema import CHAT_ROLES
 from simtune.errors import ConfigError, ModelError, SimtuneError
 
 if TYPE_CHECKING:
@@ -467,6 +480,13 @@ class Engine:
         self._keep_kw = "logits_to_keep" in params
         self._torch = torch
         self._tok_lock = threading.Lock()  # HF fast tokenizers are not safe to share
+        # The most characters one token can stand for: a text over 2 x context x this many
+        # characters cannot fit, refused before spending seconds tokenizing it.
+        try:
+            vocab = tokenizer.get_vocab()
+            self._max_token_chars = max((len(t) for t in vocab), default=1) or 1
+        except Exception:  # a tokenizer without a vocabulary listing: no cheap bound
+            self._max_token_chars = None
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._closed = False
         # Counters for tests and benchmarks: decode steps, rows summed over steps (mean batch
@@ -605,8 +625,10 @@ class Engine:
                 code="model_not_found",
             )
         tok = self.tokenizer
+        param = "messages" if isinstance(prompt, list) and not _is_ids(prompt) else "prompt"
         with self._tok_lock:
             if isinstance(prompt, str):
+                self._check_chars(prompt, param)
                 ids = tok(prompt, add_special_tokens=True)["input_ids"]
             elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 ids = [int(t) for t in prompt]  # type: ignore[arg-type]
@@ -619,9 +641,9 @@ class Engine:
                         "this model's tokenizer has no chat template; use /v1/completions",
                         param="messages",
                     )
-                text = tok.apply_chat_template(
-                    _plain_messages(prompt), add_generation_prompt=True, tokenize=False
-                )
+                messages = _plain_messages(prompt)
+                self._check_chars("".join(m["content"] for m in messages), param)
+                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                 ids = tok(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise RequestError(400, "the prompt is empty", param="prompt")
@@ -630,10 +652,24 @@ class Engine:
                 400,
                 f"the prompt is {len(ids)} tokens; the model's context is "
                 f"{self.context_length} tokens",
-                param="messages" if isinstance(prompt, list) else "prompt",
+                param=param,
                 code="context_length_exceeded",
             )
         return list(ids)
+
+    def _check_chars(self, text: str, param: str) -> None:
+        """Refuse, without tokenizing, a text too long in characters to fit the context."""
+        if not self.context_length or self._max_token_chars is None:
+            return
+        limit = 2 * self.context_length * self._max_token_chars
+        if len(text) > limit:
+            raise RequestError(
+                400,
+                f"the prompt is {len(text)} characters: more than fit in the model's context "
+                f"of {self.context_length} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def submit(
         self,
@@ -1037,6 +1073,13 @@ def _plain_messages(messages: Any) -> list[dict[str, Any]]:
             raise RequestError(
                 400, f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
             )
+        if m["role"] not in CHAT_ROLES:
+            raise RequestError(
+                400,
+                f"messages[{i}].role: unknown role {m['role'][:50]!r} "
+                f"(expected one of {', '.join(CHAT_ROLES)})",
+                param=f"messages[{i}].role",
+            )
         content = m.get("content")
         if isinstance(content, list):
             parts = [p.get("text") for p in content if isinstance(p, dict)]
@@ -1331,7 +1374,7 @@ class Server:
 
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = web.AppRunner(
+        self._runner = app_runner(
             app, access_log=None, handle_signals=False, shutdown_timeout=self.shutdown_timeout
         )
         await self._runner.setup()
@@ -1386,7 +1429,7 @@ class Server:
         try:
             path = request.path.rstrip("/")
             if path == "/health":
-                return web.json_response({"status": "ok", "models": self.engine.names})
+                return web.json_response(self._health(request))
             if not path.startswith("/v1/"):
                 raise _Reject(404, f"unknown path {request.path!r}", code="not_found")
             self._check_key(request)
@@ -1404,6 +1447,9 @@ class Server:
             return error_response(exc)
         except RequestError as exc:
             return error_response(_reject_from(exc))
+        except ConnectionError as exc:  # the client hung up (mid-body, say): not a bug
+            log.info("client hung up during %s %s (%s)", request.method, request.path, exc)
+            return error_response(_Reject(400, "the client hung up", code="client_gone"))
         except Exception:  # a bug: the client still gets an OpenAI-style answer
             log.exception("server error on %s %s", request.method, request.path)
             return error_response(
@@ -1416,6 +1462,14 @@ class Server:
             self._key,
             "missing or wrong API key (send Authorization: Bearer KEY)",
         )
+
+    def _health(self, request: web.Request) -> dict[str, Any]:
+        """``{"status": "ok"}`` for anyone; the served names only with the key (when set)."""
+        try:
+            self._check_key(request)
+        except _Reject:
+            return {"status": "ok"}
+        return {"status": "ok", "models": self.engine.names}
 
     def _model_card(self, name: str) -> dict[str, Any]:
         s = self.engine.served[name]
@@ -1449,13 +1503,7 @@ class Server:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise _Reject(413, "request body over 16 MiB", code="request_too_large") from None
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise _Reject(
-                400, f"the request body is not valid JSON ({str(exc)[:200]})", code="invalid_json"
-            ) from None
-        p = _parse(body, chat)
+        p = _parse(parse_body(raw), chat)
         if p.model not in self.engine.served:
             raise _Reject(
                 404,
@@ -1466,7 +1514,10 @@ class Server:
         loop = asyncio.get_running_loop()
         sinks = [_AsyncSink(loop, p.stream) for _ in p.prompts]
         # Tokenize (and refuse a bad prompt) before queueing any; submit takes the ids.
-        encoded = [self.engine.encode(p.model, prompt) for prompt in p.prompts]
+        # Off the event loop: a long prompt takes seconds, and other clients are waiting.
+        encoded = await loop.run_in_executor(
+            None, lambda: [self.engine.encode(p.model, prompt) for prompt in p.prompts]
+        )
         reqs = [
             self.engine.submit(
                 p.model,
@@ -1646,16 +1697,43 @@ def choose_backend(backend: str) -> str:
     return "transformers"
 
 
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""The only ``--max-lora-rank`` values vLLM accepts."""
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts that holds `rank` (adapters of lower rank load fine)."""
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ConfigError(
+        f"--backend vllm: an adapter has LoRA rank {rank}; vLLM serves ranks up to "
+        f"{VLLM_LORA_RANKS[-1]} (use --backend transformers)"
+    )
+
+
+def vllm_env(api_key: str | None, device: str | None, base: dict[str, str]) -> dict[str, str]:
+    """The environment of vLLM's server: the API key goes here (``VLLM_API_KEY``, which
+    vLLM reads), never on the command line where ``ps`` shows it to every user."""
+    env = dict(base)
+    env.pop("VLLM_API_KEY", None)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    if device and device.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
+    return env
+
+
 def vllm_command(
     served: dict[str, ServedModel],
     *,
     host: str,
     port: int,
-    api_key: str | None,
     max_batch_size: int,
     trust_remote_code: bool = False,
 ) -> list[str]:
-    """The argument list (no shell) of vLLM's OpenAI server for base + adapters."""
+    """The argument list (no shell) of vLLM's OpenAI server for base + adapters (the API
+    key is passed in the environment: `vllm_env`)."""
     base = served[BASE_NAME].base_model
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", base]
     cmd += ["--served-model-name", BASE_NAME, "--host", host, "--port", str(port)]
@@ -1670,10 +1748,8 @@ def vllm_command(
             except (OSError, ValueError, TypeError):
                 ranks.append(16)
         cmd += ["--enable-lora", "--max-loras", str(len(adapters))]
-        cmd += ["--max-lora-rank", str(max(ranks))]
+        cmd += ["--max-lora-rank", str(vllm_lora_rank(max(ranks)))]
         cmd += ["--lora-modules", *(f"{s.name}={s.adapter_dir}" for s in adapters)]
-    if api_key:
-        cmd += ["--api-key", api_key]
     if trust_remote_code:
         cmd.append("--trust-remote-code")
     return cmd
@@ -1725,11 +1801,10 @@ def serve(
                 served,
                 host=host,
                 port=port,
-                api_key=api_key,
                 max_batch_size=max_batch_size,
                 trust_remote_code=trust_remote_code,
             ),
-            device,
+            vllm_env(api_key, device, dict(os.environ)),
         )
         return
     engine = Engine._load_resolved(
@@ -1746,13 +1821,9 @@ def serve(
         engine.close()
 
 
-def _run_vllm(cmd: list[str], device: str | None) -> None:
+def _run_vllm(cmd: list[str], env: dict[str, str]) -> None:
     """Run vLLM's server in the foreground; SIGINT/SIGTERM are passed on to it."""
-    env = dict(os.environ)
-    if device and device.startswith("cuda:"):
-        env["CUDA_VISIBLE_DEVICES"] = device.split(":", 1)[1]
-    shown = [("***" if i and cmd[i - 1] == "--api-key" else a) for i, a in enumerate(cmd)]
-    log.info("starting vLLM: %s", " ".join(shown))
+    log.info("starting vLLM: %s", " ".join(cmd))
     proc = subprocess.Popen(cmd, env=env)  # noqa: S603 (argument list, no shell)
 
     def forward(signum: int, frame: Any) -> None:

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from simtune import jsontext
 from simtune.decisions.reader import RESERVED_KEYS, Brief, Dataset, Scan, scan_dataset
 from simtune.decisions.schema import Decision
 from simtune.errors import ConfigError, DataError
@@ -323,8 +324,8 @@ def _prepass(
             line += 1
             pending += len(raw)
             if b'"event"' in raw:
-                with contextlib.suppress(ValueError, RecursionError, DataError):
-                    obj = json.loads(raw.removeprefix(b"\xef\xbb\xbf"))
+                with contextlib.suppress(ValueError, DataError):  # reported by pass 2
+                    obj = jsontext.loads(raw.removeprefix(b"\xef\xbb\xbf"))
                     if isinstance(obj, dict) and "event" in obj:
                         ev = normalize(obj, name, line)
                         if isinstance(ev, Event):
@@ -366,7 +367,8 @@ def _stats_chunk(task: tuple[str, int, int]) -> dict[str, Any]:
     first problem, if any (stats stops at it, like a strict read)."""
     from array import array
 
-    from simtune.decisions.reader import _BOM, _decode, _json_problem
+    from simtune.decisions.reader import _BOM, _decode, _json_error
+    from simtune.jsontext import JSONTextError
 
     path, start, end, line = task
     acc = StatsAccumulator()
@@ -396,16 +398,12 @@ def _stats_chunk(task: tuple[str, int, int]) -> dict[str, Any]:
                 continue
             try:
                 obj = _decode(text)
-            except (RecursionError, ValueError) as exc:
-                if not raw.endswith(b"\n"):
+            except JSONTextError as exc:
+                if exc.column is not None and not raw.endswith(b"\n"):
                     out["torn"] = line
                     break
-                msg = (
-                    f"invalid JSON ({exc.msg}, column {exc.colno})"
-                    if isinstance(exc, json.JSONDecodeError)
-                    else f"invalid JSON ({_json_problem(exc)})"
-                )
-                out["error"] = (line, msg, None)
+                err = _json_error(exc, path, line)
+                out["error"] = (line, _bare(err), err.field)
                 break
             try:
                 got = _brief_of(obj, path, line)

@@ -49,8 +49,9 @@ header), or a path prefix before ``/v1`` made of ``runs/<run_id>``,
 ``agents/<agent_id>`` and ``types/<agent_type>`` pairs in any order, e.g.
 ``/runs/r7/agents/alice/v1/chat/completions``, so that frameworks which only let you set
 a base URL still attribute their calls. Segments are URL-decoded (``%2F`` for a slash)
-and must not be empty. A header wins over the path. Without either, the run is the
-proxy's run id (``--run-id``, default one per proxy start) and agent id/type/step are null.
+and must be non-empty UTF-8 (else a 400 naming the segment). A header wins over the
+path. Without either, the run is the proxy's run id (``--run-id``, default one per proxy
+start) and agent id/type/step are null.
 
 Responses of recorded calls carry the decision id as header ``X-Simtune-Decision-Id``
 and as a top-level field ``simtune_decision_id`` (the openai client keeps unknown fields:
@@ -58,14 +59,18 @@ and as a top-level field ``simtune_decision_id`` (the openai client keeps unknow
 A call that is forwarded but cannot be recorded (an empty answer, which the reader
 would refuse; a batched or token-id ``prompt``) gets no decision id.
 
-Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``: malformed
-JSON, a body that is not an object, missing or empty ``messages`` / ``prompt``, a
-malformed message, a bad ``X-Simtune-Step`` -> 400; unknown path -> 404; wrong method
--> 405; body over ``max_body_mb`` -> 413; missing or wrong key when ``api_key`` is set
--> 401 (``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``); upstream unreachable ->
-502, upstream timeout -> 504. None of these is forwarded or recorded. An upstream
-non-2xx answer is passed through unchanged (status, body bytes, content type and the
-other end-to-end headers such as ``Retry-After``) and not recorded.
+Errors are OpenAI-style ``{"error": {"message", "type", "param", "code"}}``: a body that
+is not strict JSON (`simtune.jsontext`: NaN/Infinity, lone surrogates, bytes that are not
+UTF-8, nesting over ``REQUEST_MAX_DEPTH``; ``param`` names the field), a body that is
+not an object, missing or empty ``messages`` / ``prompt``, a malformed message or an
+unknown role, a bad ``X-Simtune-Step``, a header holding bytes that are not UTF-8 (all
+checked before anything is forwarded, so a stream never starts) -> 400; a request
+aiohttp's parser refuses (request line, headers) -> 400 in the same shape; unknown
+path -> 404; wrong method -> 405; body over ``max_body_mb`` -> 413; missing or wrong key
+when ``api_key`` is set -> 401 (``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``);
+upstream unreachable -> 502, upstream timeout -> 504. None of these is forwarded or
+recorded. An upstream non-2xx answer is passed through unchanged (status, body bytes,
+content type and the other end-to-end headers such as ``Retry-After``) and not recorded.
 
 Upstream credentials: ``upstream_api_key`` is sent as ``Authorization: Bearer ...``;
 without it the client's ``Authorization`` header is forwarded as is, unless it carries
@@ -102,16 +107,25 @@ import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simtune.aio_http import LoopThread, check_api_key, error_body, error_response
+from simtune.aio_http import (
+    LoopThread,
+    app_runner,
+    check_api_key,
+    check_headers,
+    error_body,
+    error_response,
+    parse_body,
+)
 from simtune.aio_http import Reject as _Reject
 from simtune.config import resolve_workspace
-from simtune.decisions.schema import finite_number
+from simtune.decisions.schema import CHAT_ROLES, finite_number
 from simtune.decisions.writer import (
     CREDIT_RULES,
     DecisionLog,
     Episodes,
     check_credit,
     datasets_dir,
+    encode_line,
     new_decision_id,
     spread_return,
     utc_now,
@@ -196,7 +210,12 @@ def parse_prefix(raw_path: str) -> tuple[dict[str, str], str] | None:
         key = PATH_KEYS.get(seg)
         if key is None or key in attrs or i + 1 >= len(parts):
             return None
-        value = urllib.parse.unquote(parts[i + 1])
+        try:
+            value = urllib.parse.unquote(parts[i + 1], errors="strict")
+        except UnicodeDecodeError:
+            raise _Reject(
+                400, f"the {seg}/<value> segment is not UTF-8 once URL-decoded", param=seg
+            ) from None
         if not value.strip():
             raise _Reject(400, f"empty {seg}/<value> segment in the path {raw_path!r}")
         if len(value) > MAX_ID_CHARS:
@@ -241,6 +260,13 @@ def _check_messages(value: Any) -> list[dict[str, Any]]:
                 400,
                 f"messages[{i}] must be an object with a string 'role'",
                 param=f"messages[{i}]",
+            )
+        if m["role"] not in CHAT_ROLES:
+            raise _Reject(
+                400,
+                f"messages[{i}].role: unknown role {m['role'][:50]!r} "
+                f"(expected one of {', '.join(CHAT_ROLES)})",
+                param=f"messages[{i}].role",
             )
         content = m.get("content")
         if content is None:  # e.g. an assistant turn that only called tools
@@ -502,7 +528,7 @@ class RecordingProxy:
             # Never route the upstream through $HTTP_PROXY: it is usually on loopback.
             trust_env=False,
         )
-        self._runner = web.AppRunner(
+        self._runner = app_runner(
             app, access_log=None, handle_signals=False, shutdown_timeout=self.shutdown_timeout
         )
         await self._runner.setup()
@@ -593,6 +619,7 @@ class RecordingProxy:
                     code="not_found",
                 )
             self._check_key(request)
+            check_headers(request.headers)
             attrs, endpoint = route
             if endpoint in _RECORDED or endpoint in _SCORES:
                 if request.method != "POST":
@@ -605,6 +632,9 @@ class RecordingProxy:
             return await self._passthrough(request, endpoint)
         except _Reject as exc:
             return error_response(exc)
+        except ConnectionError as exc:  # the client hung up (mid-body, say): not a bug
+            log.info("client hung up during %s %s (%s)", request.method, request.path, exc)
+            return error_response(_Reject(400, "the client hung up", code="client_gone"))
         except Exception:  # a bug: the client still gets an OpenAI-style answer
             log.exception("proxy error on %s %s", request.method, request.path)
             return error_response(
@@ -634,13 +664,7 @@ class RecordingProxy:
             raise too_big from None
 
     async def _json(self, request: web.Request) -> Any:
-        body = await self._body(request)
-        try:
-            return json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise _Reject(
-                400, f"the request body is not valid JSON ({str(exc)[:200]})", code="invalid_json"
-            ) from None
+        return parse_body(await self._body(request))
 
     def _who(self, request: web.Request, attrs: dict[str, str]) -> dict[str, Any]:
         """Attribution: headers, then path prefix, then the proxy's defaults."""
@@ -724,12 +748,7 @@ class RecordingProxy:
 
         chat = endpoint == "chat/completions"
         body = await self._body(request)
-        try:
-            payload = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise _Reject(
-                400, f"the request body is not valid JSON ({str(exc)[:200]})", code="invalid_json"
-            ) from None
+        payload = parse_body(body)
         if not isinstance(payload, dict):
             raise _Reject(400, "the request body must be a JSON object", code="invalid_json")
         who = self._who(request, attrs)
@@ -758,7 +777,7 @@ class RecordingProxy:
                 raw = exchange.finish_json(raw, headers)
             return web.Response(body=raw, status=up.status, headers=headers)
 
-    def _record(self, ex: _Exchange, output: str, meta: dict[str, Any], model: Any) -> None:
+    def _record(self, ex: _Exchange, output: str, meta: dict[str, Any], model: Any) -> bool:
         who = ex.who
         rec: dict[str, Any] = {
             "decision_id": ex.decision_id,
@@ -785,16 +804,22 @@ class RecordingProxy:
         if params:
             metadata["params"] = params
         rec["metadata"] = metadata
+        try:
+            line = encode_line(rec)
+        except ValueError as exc:  # e.g. the upstream answered with a lone surrogate
+            log.warning("decision %s not recorded: %s", ex.decision_id, exc)
+            return False
         first = self.log.path is None
-        self.log.append(rec)
+        self.log.append_line(line)
         self.decisions += 1
         self._episodes.add((who["run_id"], who["agent_id"]), ex.decision_id)
         if first:
             log.info("writing %s", self.log.path)
+        return True
 
-    def _append_event(self, event: dict[str, Any]) -> None:
+    def _append_line(self, line: bytes) -> None:
         first = self.log.path is None
-        self.log.append(event)
+        self.log.append_line(line)
         self.events += 1
         if first:
             log.info("writing %s", self.log.path)
@@ -815,7 +840,19 @@ class RecordingProxy:
         plan = self._plan_reward if endpoint == "rewards" else self._plan_rating
         # Check every item before writing any, so a bad batch writes nothing.
         planned = [plan(item, f"[{i}]." if batch else "", who) for i, item in enumerate(items)]
-        results = [run() for run in planned]
+        outcomes = [run() for run in planned]
+        # Encode every line before writing any: the batch is written whole or not at all.
+        lines: list[bytes] = []
+        for i, (events, _) in enumerate(outcomes):
+            for event in events:
+                try:
+                    lines.append(encode_line(event))
+                except ValueError as exc:
+                    where = f"[{i}]" if batch else "body"
+                    raise _Reject(400, f"{where}: {exc}", param=where) from None
+        for line in lines:
+            self._append_line(line)
+        results = [result for _, result in outcomes]
         return web.json_response(results if batch else results[0])
 
     @staticmethod
@@ -851,11 +888,10 @@ class RecordingProxy:
         if item.get("decision_id") is not None:
             did = self._text(item, "decision_id", where, required=True)
 
-            def one() -> dict[str, Any]:
-                self._append_event(
-                    {"event": "reward", "decision_id": did, "value": value, "timestamp": utc_now()}
-                )
-                return {"decision_ids": [did], "shares": [value]}
+            def one() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                event = {"event": "reward", "decision_id": did, "value": value}
+                event["timestamp"] = utc_now()
+                return [event], {"decision_ids": [did], "shares": [value]}
 
             return one
         agent = self._text(item, "agent_id", where) or who["agent_id"]
@@ -869,7 +905,7 @@ class RecordingProxy:
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma <= 1:
             raise _Reject(400, f"{where}gamma must be a number in [0, 1]", param=where + "gamma")
 
-        def episode() -> dict[str, Any]:
+        def episode() -> tuple[list[dict[str, Any]], dict[str, Any]]:
             groups = self._episodes.close(
                 lambda k: k[0] == run and (agent is None or k[1] == agent)
             )
@@ -879,6 +915,7 @@ class RecordingProxy:
                 ids += group
                 shares += spread_return(value, len(group), rule, float(gamma))
             now = utc_now()
+            events = []
             for did, share in zip(ids, shares, strict=True):
                 event = {
                     "event": "reward",
@@ -890,8 +927,8 @@ class RecordingProxy:
                 }
                 if rule == "discounted":
                     event["gamma"] = float(gamma)
-                self._append_event(event)
-            return {
+                events.append(event)
+            return events, {
                 "decision_ids": ids,
                 "shares": shares,
                 "episode_return": value,
@@ -929,9 +966,8 @@ class RecordingProxy:
                 raise _Reject(400, f"{where}{key} must be a string", param=where + key)
             event[key] = value
 
-        def one() -> dict[str, Any]:
-            self._append_event(event)
-            return {"decision_id": did, "rating": rating, "source": source}
+        def one() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+            return [event], {"decision_id": did, "rating": rating, "source": source}
 
         return one
 
@@ -1059,7 +1095,8 @@ class _Exchange:
         text, meta = found
         meta["usage"] = obj.get("usage")
         meta["upstream_id"] = obj.get("id")
-        self.proxy._record(self, text, meta, obj.get("model"))
+        if not self.proxy._record(self, text, meta, obj.get("model")):
+            return raw
         headers[DECISION_HEADER] = self.decision_id
         return _inject(raw, self.field)
 

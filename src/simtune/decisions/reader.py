@@ -45,8 +45,10 @@ from math import isfinite as _isfinite
 from pathlib import Path
 from typing import Any
 
+from simtune import jsontext
 from simtune.decisions.schema import (
     ALIASES,
+    CHAT_ROLES,
     DECISION_FIELDS,
     EVENT_KINDS,
     Decision,
@@ -608,7 +610,7 @@ def _read_file(
 
 
 _BOM = b"\xef\xbb\xbf"
-_decode = json.JSONDecoder().decode  # json.loads minus a call and its argument checks
+_decode = jsontext.loads  # strict: no NaN/Infinity, lone surrogates or over-deep nesting
 TORN_LINE = "skipped a torn last line (no newline at the end: its write was cut short)"
 _PROGRESS_STEP = 1 << 20
 
@@ -657,29 +659,19 @@ def _jsonl_stream(
                 continue
             try:
                 obj = _decode(line)
-            except json.JSONDecodeError as exc:
+            except jsontext.JSONTextError as exc:
                 if only is not None:
                     continue
                 # Writers end every line with "\n" in one write, so an unparsable last
                 # line without one is a write cut short (a crash, or a file still being
                 # written): skip it, loudly.
-                if not raw.endswith(b"\n"):
+                if exc.column is not None and not raw.endswith(b"\n"):
                     if sink.collecting:
                         sink.warn(Problem.warning(TORN_LINE, path, lineno))
                     else:
                         log.warning("%s:%d: %s", path, lineno, TORN_LINE)
                     continue
-                sink.error(
-                    DataError(
-                        f"invalid JSON ({exc.msg}, column {exc.colno})", path=path, line=lineno
-                    )
-                )
-                continue
-            except (RecursionError, ValueError) as exc:  # too deep; an over-long integer
-                if only is None:
-                    sink.error(
-                        DataError(f"invalid JSON ({_json_problem(exc)})", path=path, line=lineno)
-                    )
+                sink.error(_json_error(exc, path, lineno))
                 continue
             yield lineno, obj
     if on_bytes is not None and pending:
@@ -695,13 +687,19 @@ def _json_list_items(text: str, path: str, sink: _Sink) -> Iterator[tuple[int, A
         sink.error(exc)
 
 
-def _json_problem(exc: BaseException) -> str:
-    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+def _json_error(exc: jsontext.JSONTextError, path: str, line: int) -> DataError:
+    """``FILE:LINE: field 'x': ...`` for a value the strict parser refused, else
+    ``FILE:LINE: invalid JSON (... column N)``."""
+    if exc.field is not None:
+        return DataError(exc.message, path=path, line=line, field=exc.field)
+    if exc.column is not None:  # a syntax error: its column within the line
+        msg = exc.message.rsplit(" at line ", 1)[0]
+        return DataError(f"invalid JSON ({msg}, column {exc.column})", path=path, line=line)
+    return DataError(f"invalid JSON ({exc.message})", path=path, line=line)
 
 
 def _json_list(text: str, path: str) -> Iterator[tuple[int, Any]]:
     """Decode a JSON array element by element so each element keeps its line number."""
-    decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     n = len(text)
 
@@ -722,11 +720,11 @@ def _json_list(text: str, path: str) -> Iterator[tuple[int, Any]]:
         start_line += text.count("\n", counted, pos)
         counted = pos
         try:
-            obj, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise fail(exc.pos, exc.msg) from None
-        except (RecursionError, ValueError) as exc:
-            raise fail(counted, _json_problem(exc)) from None
+            obj, pos = jsontext.raw_decode(text, pos)
+        except jsontext.JSONTextError as exc:
+            if exc.pos is not None:
+                raise fail(exc.pos, exc.message.rsplit(" at line ", 1)[0]) from None
+            raise _json_error(exc, path, start_line) from None
         yield start_line, obj
         pos = skip_ws(pos)
         if pos >= n:
@@ -810,8 +808,8 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
     context = obj.get("context")
     if isinstance(context, str):
         try:
-            context = json.loads(context)
-        except json.JSONDecodeError:
+            context = jsontext.loads(context)
+        except jsontext.JSONTextError:
             pass
     agent_type = obj.get("agent_type")
     if agent_type is None and isinstance(context, dict):
@@ -875,6 +873,11 @@ def _messages(value: list[Any], fld: str, bad: Any) -> list[dict[str, str]]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"{fld}[{i}]", "expected an object with 'role' and 'content'")
+        if m["role"] not in CHAT_ROLES:
+            raise bad(
+                f"{fld}[{i}].role",
+                f"unknown role {m['role'][:50]!r} (expected one of {', '.join(CHAT_ROLES)})",
+            )
         content = m.get("content")
         if isinstance(content, list):  # OpenAI multi-part content: keep the text parts
             parts = [p.get("text", "") for p in content if isinstance(p, dict)]

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from simtune.config import resolve_workspace
-from simtune.decisions.schema import finite_number
+from simtune.decisions.schema import CHAT_ROLES, finite_number
 from simtune.decisions.writer import (
     DecisionLog,
     Episodes,
@@ -113,6 +113,11 @@ def _check_messages(messages: Any) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ValueError(f"record: messages[{i}] must be a dict with a string 'role'")
+        if m["role"] not in CHAT_ROLES:
+            raise ValueError(
+                f"record: messages[{i}].role: unknown role {m['role'][:50]!r} "
+                f"(expected one of {', '.join(CHAT_ROLES)})"
+            )
         if not isinstance(m.get("content"), (str, list)):
             raise ValueError(f"record: messages[{i}].content must be a string")
 
@@ -338,7 +343,12 @@ class Recorder:
         if metadata:
             parts += (',"metadata":', encode_json(metadata))
         parts.append("}\n")
-        line = "".join(parts).encode()
+        try:
+            line = "".join(parts).encode()
+        except UnicodeEncodeError:  # a lone surrogate: not writable as UTF-8
+            raise ValueError(
+                "record: a text field holds a lone surrogate (not valid Unicode)"
+            ) from None
         if self._generation != fork_generation():
             # A forked child: the parent's open episodes are the parent's to reward.
             self._episodes, self._generation = Episodes(), fork_generation()
@@ -419,19 +429,22 @@ class Recorder:
         for ids in self._episodes.close(lambda k: key is None or k == key).values():
             shares.update(zip(ids, spread_return(value, len(ids), rule, gamma), strict=True))
         now = utc_now()
-        for did, share in shares.items():
-            self.log.append_line(
-                encode_line(
-                    {
-                        "event": "reward",
-                        "decision_id": did,
-                        "value": share,
-                        "episode_return": value,
-                        "rule": rule,
-                        "timestamp": now,
-                    }
-                )
+        # Encode every line before writing any: a batch is written whole or not at all.
+        lines = [
+            encode_line(
+                {
+                    "event": "reward",
+                    "decision_id": did,
+                    "value": share,
+                    "episode_return": value,
+                    "rule": rule,
+                    "timestamp": now,
+                }
             )
+            for did, share in shares.items()
+        ]
+        for line in lines:
+            self.log.append_line(line)
         return shares
 
     # --- attribution and capture ----------------------------------------------------------

@@ -36,6 +36,8 @@ DECISION_FIELDS = (
     "metadata",
 )
 EVENT_KINDS = ("reward", "rating", "feedback")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+"""The chat roles a record's messages may have (OpenAI's)."""
 
 _FENCE = re.compile(r"^\s*```[\w+-]*[ \t]*\r?\n(.*?)\r?\n?```\s*$", re.DOTALL)
 

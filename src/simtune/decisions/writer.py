@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from simtune import jsontext
 from simtune.errors import ConfigError
 from simtune.registry import check_name
 
@@ -88,31 +89,51 @@ def utc_now() -> str:
 # circular-reference check is off because the C encoder's recursion limit catches a
 # cycle anyway (as RecursionError, turned into ValueError by `encode_json`).
 _encoder = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), default=str, check_circular=False
+    ensure_ascii=False, separators=(",", ":"), default=str, check_circular=False, allow_nan=False
 )
 try:
     from json.encoder import c_make_encoder, encode_basestring
 
     # The arguments JSONEncoder.iterencode passes for the options above (CPython 3.10-3.13).
-    _c_encode = c_make_encoder(None, str, encode_basestring, None, ":", ",", False, False, True)
+    _c_encode = c_make_encoder(None, str, encode_basestring, None, ":", ",", False, False, False)
 except (ImportError, TypeError):  # no C accelerator (or another signature): the slow path
     _c_encode = None
 
 
 def encode_json(value: Any) -> str:
     """Compact JSON text of `value`, non-ASCII kept as is. Objects JSON doesn't know are
-    written as ``str(obj)``; a self-referencing structure raises ValueError."""
+    written as ``str(obj)``. Raises ValueError for what the strict reader
+    (`simtune.jsontext`) would refuse: NaN/Infinity, nesting deeper than its limit, and
+    a self-referencing structure."""
     try:
-        if _c_encode is not None:
-            return "".join(_c_encode(value, 0))
-        return _encoder.encode(value)
+        text = "".join(_c_encode(value, 0)) if _c_encode is not None else _encoder.encode(value)
     except RecursionError:
-        raise ValueError("cannot write as JSON: nested too deeply or refers to itself") from None
+        raise ValueError(
+            f"cannot write as JSON: nested more than {jsontext.MAX_DEPTH} levels or refers to itself"
+        ) from None
+    except ValueError as exc:  # allow_nan=False
+        problem = jsontext.find_problem(value)
+        where = f"{problem.field}: " if problem is not None and problem.field else ""
+        raise ValueError(f"cannot write as JSON: {where}{exc}") from None
+    if text.count("[") + text.count("{") > jsontext.MAX_DEPTH:  # cheap bound first
+        problem = jsontext.find_problem(value)
+        if problem is not None:
+            raise ValueError(f"cannot write as JSON: {problem.field}: {problem.message}")
+    return text
 
 
 def encode_line(obj: dict[str, Any]) -> bytes:
-    """One JSON line as UTF-8 bytes, newline included (see `encode_json`)."""
-    return (encode_json(obj) + "\n").encode()
+    """One JSON line as UTF-8 bytes, newline included (see `encode_json`). Raises
+    ValueError naming the field for a lone surrogate (not writable as UTF-8)."""
+    text = encode_json(obj) + "\n"
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        problem = jsontext.find_problem(obj)
+        where = f"{problem.field}: " if problem is not None and problem.field else ""
+        raise ValueError(
+            f"cannot write as JSON: {where}holds a lone surrogate: not valid Unicode"
+        ) from None
 
 
 def datasets_dir(workspace: str | os.PathLike[str], env_name: str) -> Path:
