@@ -85,3 +85,28 @@ def _registry(ws: Path) -> list[str]:
     if not path.is_file():
         return []
     return [m["model_id"] for m in json.loads(path.read_text())["models"]]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--experiment_name", "../../x"], "--experiment_name: '../../x' is not a usable name"),
+        (["--experiment_name", "a\\b"], "--experiment_name: 'a\\\\b' is not a usable name"),
+        (["--registered_model_name", "../x"], "--registered_model_name: '../x' is not a usable"),
+        (["--registered_model_name", "a/b"], "--registered_model_name: 'a/b' may not contain"),
+        (["--run_name", " "], "--run_name: must not be empty"),
+        (["--max_steps", "-5"], "--max_steps: must be a positive number of steps"),
+        (["--max_steps", "0"], "--max_steps: must be a positive number of steps"),
+        (["--seed", "-1"], "--seed: must be in [0, 2**32)"),
+        (["--learning_rate", "nan"], "--learning_rate: must be a positive number"),
+        (["--lora_r", "0"], "--lora_r: must be a positive number"),
+        (["--save_steps", "-2"], "--save_steps: must be >= 0"),
+    ],
+)
+def test_names_and_numbers_are_refused_before_any_work(flags, message, tiny_model, tmp_path):
+    ws = tmp_path / "ws"
+    proc = run_cli(*_train_cmd(tiny_model, ws, *flags)[1:], timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("simtune: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert not ws.exists()

@@ -339,7 +339,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     ws = resolve_workspace(args.workspace)
-    store = args.tracking_uri or f"sqlite:///{ws / 'mlflow.db'}"
+    from simtune.tracking import embedded_uri
+
+    store = args.tracking_uri or embedded_uri(ws)
     url = f"http://{args.host}:{args.port}"
     sys.stderr.write(f"MLflow UI for {store} at {url} (Ctrl-C to stop)\n")
     cmd = [

@@ -382,9 +382,8 @@ class Tracker:
                     self.client.restore_experiment(exp.experiment_id)
                 return exp.experiment_id
             location = None
-            if self.uri.startswith("sqlite:") and self.uri.endswith(
-                str(self.workspace / "mlflow.db")
-            ):
+            db = sqlite_path(self.uri)
+            if db is not None and db.resolve() == (self.workspace / "mlflow.db").resolve():
                 # Embedded store: keep artifacts beside the database in the workspace,
                 # not in ./mlruns of whatever directory the job was started from.
                 location = (self.workspace / "mlruns").as_uri()
