@@ -110,3 +110,95 @@ def test_names_and_numbers_are_refused_before_any_work(flags, message, tiny_mode
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("simtune: error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert not ws.exists()
+
+
+def _state(ws: Path) -> dict:
+    """Everything a half-published model could leave: MLflow versions and run statuses,
+    model dirs, registry entries, staging dirs, job dirs."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{ws / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("llm_tuning")
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    return {
+        "versions": [
+            (v.name, v.version, v.run_id) for v in client.search_model_versions("name LIKE '%'")
+        ],
+        "runs": {r.info.run_id: (r.info.status, r.data.tags) for r in runs},
+        "model_dirs": sorted(
+            p.name for p in (ws / "models").glob("*") if p.is_dir() and not p.name.startswith(".")
+        ),
+        "registry": _registry(ws),
+        "staging": sorted(p.name for p in ws.glob("models/.staging-*")),
+        "jobs": sorted(p.name for p in ws.glob("jobs/*") if p.is_dir()),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("point", "published"),
+    [
+        ("before_register", False),
+        ("after_register", False),
+        ("after_move", False),
+        ("after_registry", True),
+    ],
+)
+def test_sigkill_during_publication_is_finished_or_undone(point, published, tiny_model, tmp_path):
+    ws = tmp_path / "ws"
+    killed = subprocess.run(
+        _train_cmd(tiny_model, ws),
+        env={**os.environ, "SIMTUNE_FAULT_AT": point, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = _state(ws)
+    (run_id,) = left["runs"]
+    assert left["runs"][run_id][0] == "RUNNING"  # what the kill leaves, before repair
+    if point != "before_register":
+        assert [v[2] for v in left["versions"]] == [run_id]  # servable, unfinished
+
+    # The next command in the workspace repairs it (here: `simtune models list`).
+    proc = run_cli("models", "--workspace", str(ws), "list")
+    assert proc.returncode == 0, proc.stderr
+    after = _state(ws)
+    status, tags = after["runs"][run_id]
+    assert after["staging"] == [] and after["jobs"] == []
+    if published:
+        assert status == "FINISHED"
+        assert len(after["versions"]) == 1 and after["versions"][0][2] == run_id
+        assert after["registry"] == after["model_dirs"] and len(after["registry"]) == 1
+    else:
+        assert status == "KILLED"
+        assert "died" in tags["simtune.killed_reason"]
+        assert after["versions"] == [] and after["registry"] == [] and after["model_dirs"] == []
+
+    if point == "after_register":
+        # And the workspace works: a new job publishes normally next to it.
+        ok = run_cli(*_train_cmd(tiny_model, ws, "--json")[1:])
+        assert ok.returncode == 0, ok.stderr[-2000:]
+        assert len(_state(ws)["registry"]) == 1
+
+
+@pytest.mark.slow
+def test_a_job_killed_while_training_is_marked_killed_and_resumable(tiny_model, tmp_path):
+    ws = tmp_path / "ws"
+    # Checkpoint at step 1, die before publishing: a resumable job with a RUNNING run.
+    cmd = _train_cmd(tiny_model, ws, "--save_steps", "1")
+    killed = subprocess.run(
+        cmd,
+        env={**os.environ, "SIMTUNE_FAULT_AT": "before_register", "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_cli(*cmd[1:], "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = _state(ws)
+    statuses = sorted(s for s, _ in after["runs"].values())
+    # The same run reopened and finished (it was KILLED in between, not left RUNNING).
+    assert statuses == ["FINISHED"], after["runs"]
+    assert len(after["registry"]) == 1 and after["staging"] == [] and after["jobs"] == []

@@ -291,9 +291,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from simtune.publication import recover_workspace
     from simtune.registry import Registry
 
     ws = resolve_workspace(args.workspace)
+    recover_workspace(ws)  # list what is published, not what a killed job half-left
     reg = Registry(ws)
     console = Console()
     if args.models_command == "list":
