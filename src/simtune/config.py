@@ -144,7 +144,8 @@ class TuningConfig:
     """Passes over the training set (ignored when max_steps > 0)."""
 
     max_steps: int = -1
-    """Total optimizer steps; overrides num_train_epochs when > 0."""
+    """Total optimizer steps; overrides num_train_epochs when > 0 (-1: train
+    num_train_epochs)."""
 
     per_device_train_batch_size: int = 4
     """Examples per device per forward pass."""
