@@ -161,9 +161,9 @@ def recover_workspace(workspace: Path) -> list[dict[str, Any]]:
     if not jobs.is_dir() and not staging:
         return []
     done: list[dict[str, Any]] = []
-    jobs.mkdir(parents=True, exist_ok=True)
     try:
-        with FileLock(str(jobs / ".recover.lock"), timeout=30):
+        # Beside jobs/, not in it: jobs/ goes away once it holds no job.
+        with FileLock(str(workspace / ".recover.lock"), timeout=30):
             live: set[str] = set()
             for job_file in sorted(jobs.glob(f"*/{JOB_FILE}")):
                 job = read_job(job_file.parent)
@@ -181,7 +181,7 @@ def recover_workspace(workspace: Path) -> list[dict[str, Any]]:
     except Timeout:
         log.warning("another simtune command is repairing %s; not waiting for it", workspace)
     with contextlib.suppress(OSError):
-        jobs.rmdir()  # `jobs/` only while it holds a job (the lock file aside)
+        jobs.rmdir()  # `jobs/` only while it holds a job
     return done
 
 
