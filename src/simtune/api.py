@@ -37,6 +37,18 @@ from typing import Any
 
 from simtune.config import TuningConfig, build_config
 from simtune.errors import ConfigError, DataError
+from simtune.publication import (
+    INTENT_FILE,
+    JOB_FILE,
+    JOBS_DIR,
+    fault_point,
+    keep_or_drop_job,
+    latest_checkpoint,
+    owner,
+    read_job,
+    recover_workspace,
+    write_intent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +101,10 @@ def run_tuning(
         cfg = build_config(overrides=options, base=config)
     else:
         cfg = build_config(config, options)
+    if "LOCAL_RANK" not in os.environ:
+        # Finish or undo what a killed job left (a half-published model, a run RUNNING
+        # with no process) before this job looks for one to resume.
+        recover_workspace(cfg.workspace_path())
     if cfg.distributed():
         from simtune.launch import is_worker, launch
 
@@ -175,6 +191,19 @@ def run_tuning(
             )
             tokenizer.save_pretrained(str(adapter_dir))
 
+            # From here on MLflow and the workspace change visibly: first the intent a
+            # later command needs to finish or undo this (simtune.publication).
+            write_intent(
+                job_dir,
+                {
+                    "model_id": model_id,
+                    "run_id": run_id,
+                    "tracking_uri": tracking_uri,
+                    "registered_model_name": registered_name,
+                    "final_dir": str(final_dir),
+                },
+            )
+            fault_point("before_register")
             version, model_uri = tracker.register(
                 adapter_dir,
                 name=registered_name,
@@ -213,6 +242,7 @@ def run_tuning(
                 },
             }
             (adapter_dir / "simtune.json").write_text(json.dumps(meta, indent=2, default=str))
+            fault_point("after_register")
             tracker.log_artifacts(adapter_dir, "adapter")
             tracker.log_final_metrics(metrics)
 
@@ -220,10 +250,13 @@ def run_tuning(
             os.replace(adapter_dir, final_dir)
             tracker.moved(adapter_dir, final_dir)
             published = True
+            fault_point("after_move")
             _registry_add(workspace, meta, final_dir)
+            fault_point("after_registry")
             finished = True
     except BaseException as exc:
-        _keep_or_drop_job(job_dir, "killed" if isinstance(exc, KeyboardInterrupt) else "failed")
+        (job_dir / INTENT_FILE).unlink(missing_ok=True)  # undone below, in this process
+        keep_or_drop_job(job_dir, "killed" if isinstance(exc, KeyboardInterrupt) else "failed")
         # Nothing of an unfinished job may look usable: no model dir, no registry
         # entry, no registered version (the FAILED/KILLED run itself stays, as history).
         if published:
@@ -495,10 +528,6 @@ def _train_mode(
     return metrics, trained, v_head
 
 
-JOBS_DIR = "jobs"
-JOB_FILE = "job.json"
-
-
 class _StopRequest:
     """Set by the first SIGTERM/SIGINT during training; the trainers poll it (calling it)
     at step ends and save a checkpoint before they stop.
@@ -555,26 +584,6 @@ def _job_match(cfg: TuningConfig) -> dict[str, Any]:
     }
 
 
-def latest_checkpoint(job_dir: Path) -> Path | None:
-    """The highest complete checkpoint-<step> of a job: a directory with the state file
-    its trainer writes last (a SIGKILL mid-save leaves one without it)."""
-    found = []
-    for d in (job_dir / "checkpoints").glob("checkpoint-*"):
-        step = d.name.removeprefix("checkpoint-")
-        complete = (d / "trainer_state.json").is_file() or (d / "ppo_state.json").is_file()
-        if step.isdigit() and complete:
-            found.append((int(step), d))
-    return max(found)[1] if found else None
-
-
-def _read_job(job_dir: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((job_dir / JOB_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _find_resume(cfg: TuningConfig, workspace: Path) -> tuple[dict[str, Any] | None, Path | None]:
     """(job.json of the job to continue, checkpoint to load) for --resume/--resume_from;
     (None, None) for a fresh job. A --resume_from checkpoint outside a simtune job dir
@@ -585,21 +594,21 @@ def _find_resume(cfg: TuningConfig, workspace: Path) -> tuple[dict[str, Any] | N
             ckpt = latest_checkpoint(path)
             if ckpt is None:
                 raise ConfigError(f"--resume_from: {path} has no complete checkpoint")
-            return _read_job(path), ckpt
+            return read_job(path), ckpt
         if not (path / "trainer_state.json").is_file() and not (path / "ppo_state.json").is_file():
             raise ConfigError(
                 f"--resume_from: {path} is not a checkpoint (expected a checkpoint-<step> "
                 "directory or a job directory under <workspace>/jobs)"
             )
         job_dir = path.parent.parent
-        job = _read_job(job_dir) if path.parent.name == "checkpoints" else None
+        job = read_job(job_dir) if path.parent.name == "checkpoints" else None
         return job, path
     if not cfg.resume:
         return None, None
     want = _job_match(cfg)
     candidates = []
     for job_file in (workspace / JOBS_DIR).glob(f"*/{JOB_FILE}"):
-        job = _read_job(job_file.parent)
+        job = read_job(job_file.parent)
         ckpt = latest_checkpoint(job_file.parent)
         if job and ckpt is not None and job.get("match") == want:
             candidates.append((job_file.stat().st_mtime, job_file.parent.name, job, ckpt))
@@ -627,33 +636,14 @@ def _write_job(
         "run_id": run_id,
         "tracking_uri": tracking_uri,
         "status": status,
+        "owner": owner(),
         "updated_at": datetime.now(timezone.utc).isoformat(),
         "match": _job_match(cfg),
         "config": cfg.to_dict(),
     }
-    tmp = job_dir / f".{JOB_FILE}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, job_dir / JOB_FILE)  # atomic: a kill never leaves half a job.json
+    from simtune.tracking import write_json_atomic
 
-
-def _keep_or_drop_job(job_dir: Path, status: str) -> None:
-    """After a failed or killed job: keep its dir if there is a checkpoint to resume,
-    else remove it (nothing to resume from, nothing to leave behind)."""
-    job = _read_job(job_dir)
-    if job is None:
-        shutil.rmtree(job_dir, ignore_errors=True)
-        return
-    if latest_checkpoint(job_dir) is None:
-        shutil.rmtree(job_dir, ignore_errors=True)
-        return
-    with contextlib.suppress(OSError):
-        job.update(status=status, updated_at=datetime.now(timezone.utc).isoformat())
-        (job_dir / JOB_FILE).write_text(json.dumps(job, indent=2, default=str), encoding="utf-8")
-        log.warning(
-            "job %s stopped; resume it with --resume (or --resume_from %s)",
-            job["model_id"],
-            latest_checkpoint(job_dir),
-        )
+    write_json_atomic(job_dir / JOB_FILE, data)  # a kill never leaves half a job.json
 
 
 def _registry_add(workspace: Path, meta: dict[str, Any], path: Path) -> None:

@@ -291,9 +291,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from simtune.publication import recover_workspace
     from simtune.registry import Registry
 
     ws = resolve_workspace(args.workspace)
+    recover_workspace(ws)  # list what is published, not what a killed job half-left
     reg = Registry(ws)
     console = Console()
     if args.models_command == "list":
@@ -339,7 +341,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     ws = resolve_workspace(args.workspace)
-    store = args.tracking_uri or f"sqlite:///{ws / 'mlflow.db'}"
+    from simtune.tracking import embedded_uri
+
+    store = args.tracking_uri or embedded_uri(ws)
     url = f"http://{args.host}:{args.port}"
     sys.stderr.write(f"MLflow UI for {store} at {url} (Ctrl-C to stop)\n")
     cmd = [

@@ -17,6 +17,7 @@ import functools
 import inspect
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +144,8 @@ class TuningConfig:
     """Passes over the training set (ignored when max_steps > 0)."""
 
     max_steps: int = -1
-    """Total optimizer steps; overrides num_train_epochs when > 0."""
+    """Total optimizer steps; overrides num_train_epochs when > 0 (-1: train
+    num_train_epochs)."""
 
     per_device_train_batch_size: int = 4
     """Examples per device per forward pass."""
@@ -370,6 +372,13 @@ class TuningConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"--{name}: must be a positive number, got {value!r}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(
+                f"--max_steps: must be a positive number of steps (or -1: train "
+                f"--num_train_epochs), got {self.max_steps!r}"
+            )
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed: must be in [0, 2**32), got {self.seed!r}")
         if self.max_steps <= 0 and not (
             math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0
         ):
@@ -420,9 +429,7 @@ class TuningConfig:
                 )
         self._check_launch()
         for name in ("experiment_name", "registered_model_name", "run_name"):
-            value = getattr(self, name)
-            if value is not None and not str(value).strip():
-                raise ConfigError(f"--{name}: must not be empty")
+            check_mlflow_name(getattr(self, name), f"--{name}")
         return self
 
     def _check_launch(self) -> None:
@@ -590,6 +597,28 @@ def load_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option names to values")
     return data
+
+
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f\\]|(^|/)\.\.?(/|$)")
+
+
+def check_mlflow_name(value: str | None, flag: str) -> None:
+    """An MLflow experiment, registered-model or run name: refused before any work when
+    empty, holding control characters or backslashes, or with a '.'/'..' path segment
+    (MLflow turns experiment and model names into artifact paths, and a traversal there
+    failed only after training). A registered model name also may not hold '/' or ':'
+    (it is one segment of `models:/<name>/<version>`)."""
+    if value is None:
+        return
+    if not str(value).strip():
+        raise ConfigError(f"{flag}: must not be empty")
+    if value != value.strip() or _UNSAFE_NAME.search(value):
+        raise ConfigError(
+            f"{flag}: {value!r} is not a usable name (no leading/trailing spaces, control "
+            "characters, backslashes or '.'/'..' path segments)"
+        )
+    if flag == "--registered_model_name" and any(c in value for c in "/:"):
+        raise ConfigError(f"{flag}: {value!r} may not contain '/' or ':'")
 
 
 def build_config(

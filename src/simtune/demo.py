@@ -396,10 +396,6 @@ def _download_wheel(downloads: Path, how: str) -> Path:
     return wheels[-1]
 
 
-def embedded_tracking_uri(workspace: Path) -> str:
-    return f"sqlite:///{workspace / 'mlflow.db'}"
-
-
 def _tune(reporter: Reporter, key: str, steps: int | None, options: dict[str, Any]) -> Any:
     """`run_tuning(**options)` with its steps on the stage's bar (`steps` None: unknown)."""
     from simtune.api import run_tuning
@@ -642,7 +638,9 @@ def run_demo(
     rep = reporter or Reporter()
     ws = Path(workspace).resolve()
     ws.mkdir(parents=True, exist_ok=True)
-    uri = embedded_tracking_uri(ws)
+    from simtune.tracking import embedded_uri
+
+    uri = embedded_uri(ws)
     exp = DEMO_EXPERIMENT
     started = time.perf_counter()
     stages: list[StageResult] = []
@@ -968,7 +966,9 @@ def run_loop(
     rep = reporter or Reporter()
     ws = resolve_workspace(workspace)
     ws.mkdir(parents=True, exist_ok=True)
-    uri = embedded_tracking_uri(ws)
+    from simtune.tracking import embedded_uri
+
+    uri = embedded_uri(ws)
     options = {m: _loop_options(config, m, real=llm_path is not None) for m in ("sft", "ppo")}
     for mode, opts in options.items():
         # Bad options fail now, not after the first round's simulation and training.

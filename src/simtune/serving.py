@@ -289,10 +289,11 @@ def _from_mlflow(
     name: str, version: str | None, ws: Path, tracking_uri: str | None, spec: str
 ) -> ServedModel | None:
     """The adapter of a registered MLflow model version, or None when no such model."""
-    from simtune.tracking import check_reachable, resolve_tracking_uri
+    from simtune.tracking import check_reachable, resolve_tracking_uri, sqlite_path
 
     uri = resolve_tracking_uri(tracking_uri, ws)
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
         return None  # no store yet: do not let MLflow create an empty one as a side effect
     check_reachable(uri)
     import mlflow

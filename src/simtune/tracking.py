@@ -105,9 +105,94 @@ def bounded_http_retries() -> Iterator[None]:
                 _urllib3_log.setLevel(_urllib3_level)
 
 
+def embedded_uri(workspace: Path) -> str:
+    """The workspace's own MLflow store: `<workspace>/mlflow.db`."""
+    return f"sqlite:///{Path(workspace) / 'mlflow.db'}"
+
+
 def resolve_tracking_uri(explicit: str | None, workspace: Path) -> str:
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or f"sqlite:///{workspace / 'mlflow.db'}"
+    return uri or embedded_uri(workspace)
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for any other store)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///") :])
+
+
+def prepare_store(uri: str) -> None:
+    """Make sure a sqlite store exists, fully migrated, before MLflow opens it.
+
+    MLflow creates and migrates a missing sqlite database in whichever process opens it
+    first, with no lock: N jobs started together on a fresh workspace all migrate at
+    once ("duplicate column name", "_alembic_tmp_* already exists") and leave a
+    half-migrated file that every later job trips over. Here creation happens under a
+    lock beside the database (`mlflow.db.lock`), in a temporary file that is renamed
+    into place only once every table exists: the store is either absent or complete,
+    even if the creating process is killed. An existing store is opened once under the
+    same lock, so a broken one gives one line naming the file and the fix instead of an
+    alembic traceback in every job. Costs one extra open of the database per job.
+    """
+    path = sqlite_path(uri)
+    if path is None or path.name == ":memory:":
+        return
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=600):
+        if path.is_file() and path.stat().st_size > 0:
+            problem = _sqlite_store_problem(uri)
+            if problem:
+                raise TrackingError(
+                    f"{path}: MLflow store is not usable ({problem}). If a job was killed "
+                    f"while an older simtune created it, move it aside; if it comes from an "
+                    f"older MLflow, back it up and run `mlflow db upgrade {uri}`"
+                )
+            return
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+        os.close(fd)
+        try:
+            _open_sqlite_store(f"sqlite:///{tmp}")
+            os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _sqlite_store_problem(uri: str) -> str | None:
+    """Why an existing sqlite store cannot be used as it is, or None. Read-only: MLflow's
+    own open would try to migrate a store with missing tables, changing the file."""
+    import sqlalchemy
+    from mlflow.store.db import utils as db_utils
+
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        if not db_utils._all_tables_exist(engine):
+            return "some of MLflow's tables are missing: a creation or migration was cut short"
+        current, head = db_utils._get_schema_version(engine), db_utils._get_latest_schema_revision()
+        if current != head:
+            return f"schema version {current}, this MLflow needs {head}"
+    except Exception as exc:
+        return _first_line(exc)
+    finally:
+        engine.dispose()
+    return None
+
+
+def _open_sqlite_store(uri: str) -> None:
+    """Open (creating and migrating if empty) the tracking and registry tables of `uri`."""
+    from mlflow.store.model_registry.sqlalchemy_store import (
+        SqlAlchemyStore as RegistryStore,
+    )
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path = sqlite_path(uri)
+    assert path is not None
+    store = SqlAlchemyStore(uri, (path.parent / "mlruns").as_uri())
+    registry = RegistryStore(uri)
+    for engine in {store.engine, registry.engine}:
+        engine.dispose()  # a temporary file is renamed next: no connection may stay open
 
 
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
@@ -265,6 +350,7 @@ class Tracker:
         self.uri = tracking_uri
         self.workspace = workspace
         self.experiment_name = experiment_name
+        prepare_store(tracking_uri)
         self.client = mlflow.MlflowClient(tracking_uri)
         with bounded_http_retries():
             self.experiment_id = self._experiment(experiment_name)
@@ -296,9 +382,8 @@ class Tracker:
                     self.client.restore_experiment(exp.experiment_id)
                 return exp.experiment_id
             location = None
-            if self.uri.startswith("sqlite:") and self.uri.endswith(
-                str(self.workspace / "mlflow.db")
-            ):
+            db = sqlite_path(self.uri)
+            if db is not None and db.resolve() == (self.workspace / "mlflow.db").resolve():
                 # Embedded store: keep artifacts beside the database in the workspace,
                 # not in ./mlruns of whatever directory the job was started from.
                 location = (self.workspace / "mlruns").as_uri()

@@ -52,9 +52,11 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simtune.config import resolve_workspace
+    from simtune.publication import recover_workspace
     from simtune.tracking import sync_outbox
 
     ws = resolve_workspace(args.workspace)
+    recover_workspace(ws)
     results = sync_outbox(ws, args.tracking_uri)
     if args.json:
         sys.stdout.write(json.dumps(results, indent=2) + "\n")
