@@ -347,10 +347,10 @@ def test_events_are_folded(tmp_path: Path) -> None:
     ds = read_dataset([str(log), str(late)])
     by_id = {d.decision_id: d for d in ds.decisions}
 
-    assert list(by_id) == ["a", "b", "c", "n"]
-    a, b, c, n = by_id.values()
+    assert list(by_id) == ["b", "c", "n", "a"]  # a merged record sits at its last copy
+    a, b, c, n = (by_id[k] for k in "abcn")
     assert a.reward == pytest.approx(3.25)  # 1.0 + 0.25 + 2: reward events add
-    assert a.output == "answer a"  # the duplicate's output did not replace the first
+    assert a.output == "a later copy"  # a later copy's non-null fields win
     assert (a.rating, a.metadata["rating_source"]) == (5.0, "human")  # newest rating wins
     assert (b.rating, b.metadata["rating_source"]) == (4.0, "human")  # judge can't override
     assert (c.rating, c.metadata["rating_source"]) == (4.5, "human")
@@ -363,17 +363,19 @@ def test_events_are_folded(tmp_path: Path) -> None:
     assert [(f.records, f.events) for f in ds.files] == [(5, 10), (0, 2)]
 
 
-def test_duplicate_ids_keep_the_first_across_files(tmp_path: Path) -> None:
+def test_duplicate_ids_merge_in_file_order_across_files(tmp_path: Path) -> None:
     one = write_jsonl(tmp_path / "one.jsonl", [rec(1), rec(2)])
     two = write_jsonl(tmp_path / "two.jsonl", [rec(2, output="second"), rec(3), rec(1)])
     ds = read_dataset([str(one), str(two)])
+    # Later copies win; a merged record sits at its last copy's place (where a streaming
+    # pass can give it out) and keeps its first copy's source.
     assert [(d.decision_id, d.output) for d in ds.decisions] == [
-        ("d1", "answer 1"),
-        ("d2", "answer 2"),
+        ("d2", "second"),
         ("d3", "answer 3"),
+        ("d1", "answer 1"),
     ]
     assert ds.duplicate_ids == 2
-    assert ds.decisions[1].source == f"{one}:2"
+    assert ds.decisions[0].source == f"{one}:2"
 
 
 # --- files and directories --------------------------------------------------------------

@@ -1,0 +1,81 @@
+"""A YuLan-OneSim user's folders, calls and files work unchanged (issue 15)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import run_cli
+from onesim_files import db_export, simulate, ui_save
+
+from simtune.decisions.reader import read_dataset, scan_dataset
+
+
+def _rated_env(tmp_path: Path) -> tuple[Path, list[dict]]:
+    env = tmp_path / "envs" / "job_market"
+    made = simulate(env, steps=3, agents=2)  # 3 files: 2 + 4 + 6 copies of 6 decisions
+    ratings = {
+        d["decision_id"]: (
+            1 + i,
+            f"reason {i}",
+            None if i % 2 else '```json\n{"target_id": "9"}\n```',
+        )
+        for i, d in enumerate(made[:5])
+    }
+    ui_save(env / "datasets", made, ratings)
+    return env, made
+
+
+def test_repeated_exports_merge_later_fields(tmp_path: Path) -> None:
+    env, made = _rated_env(tmp_path)
+    ds = read_dataset([str(env / "datasets")])
+    assert len(ds.decisions) == 6
+    assert ds.duplicate_ids == 2 + 4 + 6  # every copy after the first, merged
+    by_id = {d.decision_id: d for d in ds.decisions}
+    for i, raw in enumerate(made):
+        d = by_id[raw["decision_id"]]
+        assert d.env_name == "job_market"
+        if i < 5:
+            assert d.rating == 1 + i and d.metadata["rating_source"] == "llm"
+            assert d.reason == f"reason {i}"
+        else:
+            assert d.rating is None
+    # a streaming pass (what `data stats` uses) gives the same merged records
+    streamed = []
+    scan = scan_dataset([str(env / "datasets")], streamed.append, full=True)
+    assert scan.decisions == 6 and scan.duplicate_ids == 12
+    assert {d.decision_id: d.rating for d in streamed} == {k: v.rating for k, v in by_id.items()}
+
+
+def test_human_rating_not_replaced_by_later_llm_rating(tmp_path: Path) -> None:
+    env = tmp_path / "envs" / "e"
+    made = simulate(env, steps=1, agents=1)
+    did = made[0]["decision_id"]
+    db = db_export(env / "datasets" / "decisions_20250314_000000.json", made, {did: 5})
+    ui_save(env / "datasets", made, {did: (1, "judge says bad", None)})
+    ds = read_dataset([str(db.parent)])
+    (d,) = ds.decisions
+    assert (d.rating, d.metadata["rating_source"]) == (5.0, "human")
+    assert d.reason == "judge says bad"  # other later fields still win
+
+
+def test_data_stats_and_min_rating_on_onesim_folder(tmp_path: Path) -> None:
+    env, _ = _rated_env(tmp_path)
+    r = run_cli("data", "stats", str(env / "datasets"))
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    assert "job_market" in out
+    assert "ratings by human 0, by LLM 5" in out
+    assert "12 repeated id(s) merged" in out
+    r = run_cli(
+        "data",
+        "export",
+        str(env / "datasets"),
+        "--min-rating",
+        "3",
+        "-o",
+        str(tmp_path / "o.jsonl"),
+    )
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert sorted(x["rating"] for x in rows) == [3, 4, 5]
