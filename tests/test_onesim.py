@@ -8,7 +8,7 @@ from pathlib import Path
 from conftest import run_cli
 from onesim_files import db_export, simulate, ui_save
 
-from simtune.decisions.reader import read_dataset, scan_dataset
+from simtune.decisions.reader import read_dataset, scan_dataset, select
 
 
 def _rated_env(tmp_path: Path) -> tuple[Path, list[dict]]:
@@ -79,3 +79,17 @@ def test_data_stats_and_min_rating_on_onesim_folder(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert sorted(x["rating"] for x in rows) == [3, 4, 5]
+
+
+def test_fenced_answers_are_kept_verbatim_unless_unfence_outputs(tmp_path: Path) -> None:
+    env = tmp_path / "envs" / "e"
+    made = simulate(env, steps=1, agents=1)
+    fenced = made[0]["output"]
+    assert fenced.startswith("```json\n")
+    (d,) = read_dataset([str(env / "datasets")]).decisions
+    assert d.output == fenced  # read verbatim
+    assert select(read_dataset([str(env)]).decisions).decisions[0].target == fenced
+    r = run_cli("train", "--help")
+    assert "--unfence_outputs" in r.stdout
+    sel = select(read_dataset([str(env)]).decisions, unfence_outputs=True)
+    assert sel.decisions[0].target == '{\n    "target_id": "1"\n}'

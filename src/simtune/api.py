@@ -275,6 +275,7 @@ def _check_inputs(cfg: TuningConfig, workspace: Path) -> tuple[Any, ...]:
         min_reward=cfg.min_reward,
         agent_types=cfg.agent_types,
         max_samples=cfg.max_samples,
+        unfence_outputs=cfg.unfence_outputs,
     )
     if not selection.decisions:
         dropped = ", ".join(f"{k}: {v}" for k, v in selection.dropped.items() if v) or "none"

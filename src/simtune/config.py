@@ -132,6 +132,12 @@ class TuningConfig:
     system_prompt: str | None = None
     """System message put before each prompt that has none."""
 
+    unfence_outputs: bool = False
+    """Train on the answer inside a markdown code fence (```json ... ```) instead of
+    the answer as the simulation produced it. Off by default: simulators whose parser
+    needs the fence (YuLan-OneSim's JsonBlockParser) must keep getting it; turn on when
+    the fence was only the model's habit and nothing parses it."""
+
     max_samples: int | None = None
     """Use at most this many training examples (a quick dry run on a subset)."""
 

@@ -9,7 +9,7 @@ Formats (detected from content, not the extension):
   line numbers in errors point at the start of the offending element.
 
 Record shapes: DESIGN.md §3 decision records; the seed export (``trail_id``,
-``human_rating``/``llm_rating``, ``refined_output``, fenced outputs, ``context`` as a
+``human_rating``/``llm_rating``, ``refined_output``, ``context`` as a
 JSON string); ``prompt``/``completion`` pairs; chat ``messages`` lists (OpenAI) and
 TRL's conversational ``{"prompt": [...], "completion": [...]}``.
 
@@ -340,11 +340,10 @@ def _fast_brief(obj: dict[str, Any], default_env: str | None = None) -> tuple[st
         or type(output) is not str
         or not prompt.strip()
         or not output.strip()
-        or "```" in output
     ):
         return None
     feedback = obj.get("feedback")
-    if feedback is not None and (type(feedback) is not str or "```" in feedback):
+    if feedback is not None and type(feedback) is not str:
         return None
     step = obj.get("step")
     if step is not None and type(step) is not int:
@@ -932,8 +931,7 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
         raise bad("output", "missing: a record needs 'output' (or 'completion')")
     if not isinstance(output, str):
         raise bad("output", f"expected a string, got {type(output).__name__}")
-    output = unfence(output)
-    if not output.strip():
+    if not unfence(output).strip():  # kept verbatim, but an empty fence is no answer
         raise bad("output", "is empty")
 
     def number(fld: str) -> float | None:
@@ -951,7 +949,7 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
     feedback = obj.get("feedback") or obj.get("refined_output")
     if feedback is not None and not isinstance(feedback, str):
         raise bad("feedback", f"expected a string, got {type(feedback).__name__}")
-    feedback = unfence(feedback) if feedback and feedback.strip() else None
+    feedback = feedback if feedback and feedback.strip() else None
 
     step = obj.get("step")
     if step is not None:
@@ -1062,7 +1060,6 @@ def _event(obj: dict[str, Any], bad: Any, source: str) -> Event:
     if kind == "feedback":
         if not isinstance(value, str):
             raise bad("value", "a feedback event needs a string value")
-        value = unfence(value)
     else:
         try:
             value = finite_number(value)
@@ -1096,7 +1093,7 @@ def fold_events(
             d.rating = ev.value
             d.metadata["rating_source"] = src
             if ev.extra.get("feedback"):
-                d.feedback = unfence(str(ev.extra["feedback"]))
+                d.feedback = str(ev.extra["feedback"])
             if ev.extra.get("reason"):
                 d.reason = str(ev.extra["reason"])
         else:
@@ -1117,8 +1114,11 @@ def select(
     min_reward: float | None = None,
     agent_types: list[str] | None = None,
     max_samples: int | None = None,
+    unfence_outputs: bool = False,
 ) -> Selection:
-    """Apply the training filters; counts why records were dropped."""
+    """Apply the training filters; counts why records were dropped. With
+    `unfence_outputs`, the kept records' output and feedback lose a markdown code fence
+    around them (--unfence_outputs; records are read verbatim)."""
     dropped = {"min_rating": 0, "min_reward": 0, "agent_types": 0, "max_samples": 0}
     kept = []
     wanted = set(agent_types or ())
@@ -1134,6 +1134,10 @@ def select(
     if max_samples is not None and len(kept) > max_samples:
         dropped["max_samples"] = len(kept) - max_samples
         kept = kept[:max_samples]
+    if unfence_outputs:
+        for d in kept:
+            d.output = unfence(d.output)
+            d.feedback = unfence(d.feedback) if d.feedback else d.feedback
     return Selection(kept, dropped)
 
 
