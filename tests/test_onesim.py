@@ -93,3 +93,58 @@ def test_fenced_answers_are_kept_verbatim_unless_unfence_outputs(tmp_path: Path)
     assert "--unfence_outputs" in r.stdout
     sel = select(read_dataset([str(env)]).decisions, unfence_outputs=True)
     assert sel.decisions[0].target == '{\n    "target_id": "1"\n}'
+
+
+def test_onesim_run_tuning_call_positional_with_mlruns(
+    tmp_path: Path, tiny_model: Path, monkeypatch
+) -> None:
+    """OneSim's `run_tuning(tuning_mode, llm_path, dataset_path=None, experiment_name,
+    tracking_uri="./mlruns", devices)` positionally, on its env's datasets folder."""
+    import mlflow
+
+    from simtune import run_tuning
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    _rated_env(tmp_path)  # tmp_path/envs/job_market/datasets
+    result = run_tuning(
+        "sft",
+        str(tiny_model),
+        None,
+        "llm_tuning",
+        "./mlruns",
+        "0",
+        env="job_market",
+        workspace=str(tmp_path),
+        max_steps=1,
+        min_rating=3,
+    )
+    assert (tmp_path / "mlruns").is_dir()
+    client = mlflow.MlflowClient(tracking_uri="./mlruns")
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "llm_tuning"
+    # 3 of the 6 merged decisions carry a judge's rating >= 3
+    assert result.dataset["num_used"] == 3
+
+
+def test_file_store_refused_clearly_when_user_disallows_it(
+    tmp_path: Path, tiny_model: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "false")
+    env, _ = _rated_env(tmp_path)
+    r = run_cli(
+        "train",
+        "--llm_path",
+        str(tiny_model),
+        "--dataset_path",
+        str(env),
+        "--tracking_uri",
+        "./mlruns",
+        "--workspace",
+        str(tmp_path),
+        cwd=tmp_path,
+    )
+    assert r.returncode == 2
+    assert "MLFLOW_ALLOW_FILE_STORE=false" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "models").exists()

@@ -73,18 +73,42 @@ def new_model_id(mode: str, base_name: str) -> str:
 def run_tuning(
     config: TuningConfig | str | None = None,
     /,
+    llm_path: str | None = None,
+    dataset_path: str | list[str] | None = None,
+    experiment_name: str | None = None,
+    tracking_uri: str | None = None,
+    devices: str | None = None,
     *,
     progress: Callable[[int], None] | None = None,
     **options: Any,
 ) -> TuningResult:
     """Train, track and register one model.
 
-    `config` may be a TuningConfig or the path of a YAML file; keyword `options`
-    (the same names as the CLI flags) override it. `progress(step)` is called after each
-    logged training step (SFT: every `logging_steps`; PPO: every rollout step); its
-    exceptions are swallowed, so a progress display can never fail a job. Raises a
-    `SimtuneError` subclass on bad input, before anything is written.
+    `config` may be a TuningConfig, the path of a YAML file, or a tuning mode
+    (``"sft"``, ``"ppo"``, ``"reward"``): YuLan-OneSim's call
+    ``run_tuning(tuning_mode, llm_path, dataset_path=None, experiment_name=...,
+    tracking_uri=..., devices=...)`` works as it is, positionally too. Those parameters
+    and the keyword `options` (the same names as the CLI flags) override the config;
+    None leaves an option at its default. ``dataset_path=None`` falls back to the
+    environment's datasets folder, ``<workspace>/envs/<env>/datasets``, when `env` is
+    given (``env="job_market"``). `progress(step)` is called after each logged training
+    step (SFT: every `logging_steps`; PPO: every rollout step); its exceptions are
+    swallowed, so a progress display can never fail a job. Raises a `SimtuneError`
+    subclass on bad input, before anything is written.
     """
+    from simtune.config import TUNING_MODES
+
+    named = {
+        "llm_path": llm_path,
+        "dataset_path": [dataset_path] if isinstance(dataset_path, (str, Path)) else dataset_path,
+        "experiment_name": experiment_name,
+        "tracking_uri": tracking_uri,
+        "devices": devices,
+    }
+    options = {**{k: v for k, v in named.items() if v is not None}, **options}
+    if isinstance(config, str) and config in TUNING_MODES:
+        options.setdefault("tuning_mode", config)
+        config = None
     if isinstance(config, TuningConfig):
         cfg = build_config(overrides=options, base=config)
     else:

@@ -59,6 +59,10 @@ class TuningConfig:
     """Decision files (.jsonl or JSON list) or directories (all decisions_*.json[l] in
     them, recursively); several may be given."""
 
+    env: str | None = None
+    """Simulation environment name: with no --dataset_path, train on its datasets folder
+    <workspace>/envs/<env>/datasets (YuLan-OneSim's and simtune's layout)."""
+
     workspace: str | None = None
     """Workspace root holding models/, envs/ and the embedded MLflow store (default:
     $SIMTUNE_HOME, else the current directory)."""
@@ -345,8 +349,16 @@ class TuningConfig:
                 raise ConfigError("--judge_model is required with --judge_url")
         if not self.llm_path:
             raise ConfigError("--llm_path is required (a model directory, adapter or model id)")
+        if not self.dataset_path and self.env:
+            from simtune.registry import check_name
+
+            folder = self.workspace_path() / "envs" / check_name(self.env, "--env") / "datasets"
+            self.dataset_path = [str(folder)]
         if not self.dataset_path:
-            raise ConfigError("--dataset_path is required (one or more files or directories)")
+            raise ConfigError(
+                "--dataset_path is required (one or more files or directories), or --env NAME "
+                "for <workspace>/envs/NAME/datasets"
+            )
         if self.lr_scheduler_type not in LR_SCHEDULERS:
             raise ConfigError(
                 f"--lr_scheduler_type: unknown schedule {self.lr_scheduler_type!r} "
