@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from conftest import run_cli
 from onesim_files import db_export, simulate, ui_save
 
@@ -148,3 +149,53 @@ def test_file_store_refused_clearly_when_user_disallows_it(
     assert r.returncode == 2
     assert "MLFLOW_ALLOW_FILE_STORE=false" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.mark.slow  # ~60 s on 2 shared cores: two answers up to the 2048-token window
+def test_serve_answers_onesim_model_names_without_max_tokens(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """config/model_config.json names the model ("Qwen2.5-14B-Instruct" or vLLM's LoRA
+    name "lora") and sends no max_tokens."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import openai
+    from conftest import free_port, wait_http
+    from transformers import AutoConfig
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("simtune")
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--model", str(tiny_model), "--workspace", str(tmp_path)]
+        + ["--port", str(port), "--served-model-name", "Qwen2.5-14B-Instruct", "lora"]
+        + ["--device", "cpu", "--precision", "fp32"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=120, proc=proc)
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["base", "Qwen2.5-14B-Instruct", "lora"]
+        msgs = [{"role": "user", "content": "Decide."}]
+        context = AutoConfig.from_pretrained(tiny_model).max_position_embeddings
+        for name in ("Qwen2.5-14B-Instruct", "lora"):
+            r = c.chat.completions.create(model=name, messages=msgs, temperature=0)
+            assert r.model == name
+            used = r.usage.prompt_tokens + r.usage.completion_tokens
+            # no cap but the context: more than the old 512 default would allow on a
+            # model whose window is larger, and never past the window
+            assert r.choices[0].finish_reason == "stop" or used == context
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model="other", messages=msgs)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
