@@ -127,6 +127,32 @@ def test_onesim_run_tuning_call_positional_with_mlruns(
     assert client.get_experiment(run.info.experiment_id).name == "llm_tuning"
     # 3 of the 6 merged decisions carry a judge's rating >= 3
     assert result.dataset["num_used"] == 3
+    # the registry entry carries OneSim's ModelMetadata fields next to simtune's
+    reg = json.loads((tmp_path / "models" / "registry.json").read_text())
+    (entry,) = reg["models"]
+    assert entry["model_id"] == entry["model_name"] == result.model_id
+    assert entry["model_type"] == "lora" and entry["path"] == result.adapter_path
+
+
+def test_registry_keeps_and_lists_entries_onesim_wrote(tmp_path: Path) -> None:
+    from simtune.registry import Registry
+
+    models = tmp_path / "models"
+    models.mkdir()
+    theirs = {
+        "model_name": "Qwen2.5-14B-Instruct-sft-1",
+        "model_type": "lora",
+        "base_model_name": "Qwen2.5-14B-Instruct",
+        "path": str(models / "Qwen2.5-14B-Instruct-sft-1"),
+        "created_at": "2025-03-14T17:16:13",
+        "description": "tuned in OneSim",
+    }
+    (models / "registry.json").write_text(json.dumps([theirs], indent=4))
+    reg = Registry(tmp_path)
+    assert reg.get("Qwen2.5-14B-Instruct-sft-1")["base_model_name"] == "Qwen2.5-14B-Instruct"
+    reg.add({"model_id": "sft-x-1", "model_name": "sft-x-1", "model_type": "lora", "path": "p"})
+    names = [m["model_name"] for m in json.loads((models / "registry.json").read_text())["models"]]
+    assert names == ["Qwen2.5-14B-Instruct-sft-1", "sft-x-1"]  # theirs kept, ours added
 
 
 def test_file_store_refused_clearly_when_user_disallows_it(
