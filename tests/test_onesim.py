@@ -225,3 +225,91 @@ def test_serve_answers_onesim_model_names_without_max_tokens(
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, err[-2000:]
+
+
+def _onesim_reply(body: dict) -> str:
+    """A model answering OneSim's three kinds of call: decisions as a ```json block
+    (generate_reaction), plans and memory summaries as plain text."""
+    system = next((m["content"] for m in body["messages"] if m["role"] == "system"), "")
+    if "plan" in system:
+        return "1. look for jobs 2. apply"
+    if "memory" in system:
+        return "Summary: applied to two jobs."
+    return '```json\n{"target_id": "3"}\n```'
+
+
+ONESIM_CALLS = [
+    ("You are a job seeker. Respond with a ```json block.", "Decide what to do."),
+    ("You make a plan for the agent.", "Plan your day."),
+    ("You summarise the agent's memory.", "Summarise."),
+]
+
+
+def test_proxy_rules_label_and_skip_onesim_non_decision_calls(workspace: Path) -> None:
+    import openai
+
+    from simtune.decisions.proxy import RecordingProxy
+    from simtune.decisions.rules import CallRules
+    from simtune.stub_llm import StubLLM
+
+    rules = CallRules.parse(
+        skip=["system=summarise the agent's memory"],
+        label=["plan=system=make a plan", "decision=output=^```json"],
+    )
+    with (
+        StubLLM(reply=_onesim_reply) as llm,
+        RecordingProxy(llm.url, "job_market", port=0, workspace=workspace, rules=rules) as px,
+    ):
+        client = openai.OpenAI(base_url=px.url, api_key="x", max_retries=0)
+        for system, user in ONESIM_CALLS:
+            msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+            r = client.chat.completions.create(model="lora", messages=msgs)
+            assert r.choices[0].message.content  # every call is answered, recorded or not
+        path = px.path
+        assert px.skipped == 1
+    recs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["metadata"]["call"] for r in recs] == ["decision", "plan"]
+    # only decisions: --require-output
+    only = CallRules.parse(require_output="```json")
+    assert [
+        only.classify(None, None, _onesim_reply({"messages": [{"role": "system", "content": s}]}))[
+            0
+        ]
+        for s, _ in ONESIM_CALLS
+    ] == [True, False, False]
+
+
+def test_recorder_rules_skip_calls_of_a_wrapped_client(workspace: Path) -> None:
+    import openai
+
+    from simtune.decisions.recorder import Recorder
+    from simtune.decisions.rules import CallRules
+    from simtune.stub_llm import StubLLM
+
+    rec = Recorder(
+        "job_market", workspace=workspace, rules=CallRules.parse(require_output="```json")
+    )
+    with StubLLM(reply=_onesim_reply) as llm:
+        client = rec.wrap(openai.OpenAI(base_url=llm.url, api_key="x", max_retries=0))
+        for system, user in ONESIM_CALLS:
+            msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+            client.chat.completions.create(model="lora", messages=msgs)
+    recs = [json.loads(x) for x in rec.path.read_text().splitlines()]
+    assert [r["output"] for r in recs] == ['```json\n{"target_id": "3"}\n```']
+
+
+def test_bad_rule_is_one_line_exit_2(tmp_path: Path) -> None:
+    r = run_cli(
+        "collect",
+        "proxy",
+        "--upstream",
+        "http://127.0.0.1:9",
+        "--env",
+        "e",
+        "--skip-calls",
+        "system=(",
+        "--workspace",
+        str(tmp_path),
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("simtune: error: --skip-calls 'system=(':")
