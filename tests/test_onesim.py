@@ -313,3 +313,17 @@ def test_bad_rule_is_one_line_exit_2(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("simtune: error: --skip-calls 'system=(':")
+
+
+def test_device_map_auto_sft_and_its_refusals(tmp_path: Path, tiny_model: Path) -> None:
+    from simtune import run_tuning
+    from simtune.errors import ConfigError
+
+    env, _ = _rated_env(tmp_path)
+    common = {"llm_path": str(tiny_model), "dataset_path": [str(env)], "workspace": str(tmp_path)}
+    with pytest.raises(ConfigError, match="--device_map auto: SFT only"):
+        run_tuning(tuning_mode="ppo", device_map="auto", **common)
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        run_tuning(device_map="auto", nproc=2, **common)
+    result = run_tuning(device_map="auto", max_steps=1, **common)  # CPU here: one shard
+    assert Path(result.adapter_path, "adapter_config.json").is_file()

@@ -477,6 +477,7 @@ def _train_mode(
         trainable_adapter=True,
         precision=precision,
         trust_remote_code=cfg.trust_remote_code,
+        device_map=cfg.device_map,
     )
     if cfg.tuning_mode == "sft":
         from simtune.training.sft import train_sft
