@@ -96,6 +96,7 @@ def test_fenced_answers_are_kept_verbatim_unless_unfence_outputs(tmp_path: Path)
     assert sel.decisions[0].target == '{\n    "target_id": "1"\n}'
 
 
+@pytest.mark.slow  # trains the tiny model (~30-40 s on 2 shared cores)
 def test_onesim_run_tuning_call_positional_with_mlruns(
     tmp_path: Path, tiny_model: Path, monkeypatch
 ) -> None:
@@ -315,6 +316,7 @@ def test_bad_rule_is_one_line_exit_2(tmp_path: Path) -> None:
     assert r.stderr.strip().splitlines()[-1].startswith("simtune: error: --skip-calls 'system=(':")
 
 
+@pytest.mark.slow  # trains the tiny model (~30-40 s on 2 shared cores)
 def test_device_map_auto_sft_and_its_refusals(tmp_path: Path, tiny_model: Path) -> None:
     from simtune import run_tuning
     from simtune.errors import ConfigError
@@ -327,3 +329,19 @@ def test_device_map_auto_sft_and_its_refusals(tmp_path: Path, tiny_model: Path) 
         run_tuning(device_map="auto", nproc=2, **common)
     result = run_tuning(device_map="auto", max_steps=1, **common)  # CPU here: one shard
     assert Path(result.adapter_path, "adapter_config.json").is_file()
+
+
+@pytest.mark.slow  # trains the tiny model (~30-40 s on 2 shared cores)
+def test_offline_ppo_finds_the_ratings_of_a_onesim_folder(tmp_path: Path, tiny_model: Path) -> None:
+    from simtune import run_tuning
+
+    _rated_env(tmp_path)
+    result = run_tuning(
+        "ppo",
+        str(tiny_model),
+        env="job_market",
+        workspace=str(tmp_path),
+        max_steps=1,
+        per_device_train_batch_size=2,
+    )
+    assert result.dataset["with_rating"] == 5  # the UI save's judge ratings survived the merge
