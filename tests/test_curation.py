@@ -113,7 +113,7 @@ def test_stats_groups_coverage_and_means(rich_log: Path) -> None:
     seller = groups[("market", "Seller")]
     assert seller["mean_rating"] == 2.0 and seller["rated_by_human"] == 1  # judge can't override
     assert seller["mean_prompt_chars"] == len("sys") + len("sell?")
-    assert seller["mean_output_chars"] == len('{"sell": 1}')
+    assert seller["mean_output_chars"] == len('```json\n{"sell": 1}\n```')  # verbatim
     total = stats["total"]
     assert total["records"] == 5 and total["with_rating"] == 4
     assert (stats["files"], stats["events"]) == (2, 5)

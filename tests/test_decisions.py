@@ -15,6 +15,7 @@ import pytest
 from conftest import SAMPLE
 
 from simtune.decisions import Dataset, Decision, describe, read_dataset, select
+from simtune.decisions.schema import unfence
 from simtune.errors import DataError
 
 
@@ -62,10 +63,11 @@ def test_seed_processed_export(onesim: Path) -> None:
     assert starts[0] == 2
 
     for d, r in zip(ds.decisions, raw, strict=True):
-        # Markdown ```json fences are gone, the JSON inside is intact.
+        # The answer is kept as the simulator wrote it, ```json fence included (its
+        # parser needs it); --unfence_outputs trains on the JSON inside.
         assert r["output"].lstrip().startswith("```json")
-        assert "```" not in d.output
-        assert json.loads(d.output) == json.loads(r["output"].strip()[len("```json") : -3])
+        assert d.output == r["output"]
+        assert json.loads(unfence(d.output)) == json.loads(r["output"].strip()[len("```json") : -3])
         assert d.prompt == r["prompt"]
         # context arrives as a JSON string and is parsed.
         assert isinstance(d.context, dict)
@@ -85,20 +87,21 @@ def test_seed_processed_export(onesim: Path) -> None:
             assert gone not in d.metadata
 
     first, second, third = ds.decisions
-    # refined_output -> feedback (unfenced), which becomes the SFT target.
+    # refined_output -> feedback (verbatim), which becomes the SFT target.
     for d, r in ((first, raw[0]), (third, raw[2])):
         assert r["refined_output"].lstrip().startswith("```json")
-        # (Only the outer fence goes: the third one's refined JSON quotes fences in strings.)
-        assert d.feedback is not None and d.feedback.startswith("{") and d.feedback.endswith("}")
-        assert json.loads(d.feedback) == json.loads(
-            r["refined_output"].strip()[len("```json") : -3]
-        )
+        assert d.feedback == r["refined_output"]
+        # (--unfence_outputs: only the outer fence goes; the third one's refined JSON
+        # quotes fences in strings.)
+        inner = unfence(d.feedback)
+        assert inner.startswith("{") and inner.endswith("}")
+        assert json.loads(inner) == json.loads(r["refined_output"].strip()[len("```json") : -3])
         assert d.target == d.feedback != d.output
         assert d.reason == r["low_quality_reason"]
-    assert json.loads(first.feedback)["quantity"] == 100
-    assert json.loads(first.output)["quantity"] == 66
+    assert json.loads(unfence(first.feedback))["quantity"] == 100
+    assert json.loads(unfence(first.output))["quantity"] == 66
     assert second.feedback is None and second.reason is None
-    assert second.target == second.output == '{\n    "target_id": "10"\n}'
+    assert second.target == second.output == '```json\n{\n    "target_id": "10"\n}\n```'
 
 
 def test_seed_prompt_completion_pairs_have_stable_ids(onesim: Path, tmp_path: Path) -> None:
@@ -161,7 +164,7 @@ def test_chat_messages_last_assistant_turn_is_the_output(tmp_path: Path) -> None
         ],
     )
     first, second = read_dataset([str(path)]).decisions
-    assert first.output == '{"action": "buy"}'
+    assert first.output == '```json\n{"action": "buy"}\n```'  # verbatim
     assert first.prompt is None
     assert first.messages == [
         {"role": "system", "content": "You are a trader."},
@@ -347,33 +350,35 @@ def test_events_are_folded(tmp_path: Path) -> None:
     ds = read_dataset([str(log), str(late)])
     by_id = {d.decision_id: d for d in ds.decisions}
 
-    assert list(by_id) == ["a", "b", "c", "n"]
-    a, b, c, n = by_id.values()
+    assert list(by_id) == ["b", "c", "n", "a"]  # a merged record sits at its last copy
+    a, b, c, n = (by_id[k] for k in "abcn")
     assert a.reward == pytest.approx(3.25)  # 1.0 + 0.25 + 2: reward events add
-    assert a.output == "answer a"  # the duplicate's output did not replace the first
+    assert a.output == "a later copy"  # a later copy's non-null fields win
     assert (a.rating, a.metadata["rating_source"]) == (5.0, "human")  # newest rating wins
     assert (b.rating, b.metadata["rating_source"]) == (4.0, "human")  # judge can't override
     assert (c.rating, c.metadata["rating_source"]) == (4.5, "human")
-    assert c.feedback == '{"better": true}' and c.target == c.feedback
+    assert c.feedback == '```json\n{"better": true}\n```' and c.target == c.feedback
     assert c.reason == "was vague"
     assert n.reward == -1.0  # a reward event on an unrewarded decision sets it
-    assert n.feedback == "improved" and n.target == "improved"
+    assert n.feedback == "```\nimproved\n```" and n.target == n.feedback  # verbatim
     assert ds.orphan_events == 3
     assert ds.duplicate_ids == 1
     assert [(f.records, f.events) for f in ds.files] == [(5, 10), (0, 2)]
 
 
-def test_duplicate_ids_keep_the_first_across_files(tmp_path: Path) -> None:
+def test_duplicate_ids_merge_in_file_order_across_files(tmp_path: Path) -> None:
     one = write_jsonl(tmp_path / "one.jsonl", [rec(1), rec(2)])
     two = write_jsonl(tmp_path / "two.jsonl", [rec(2, output="second"), rec(3), rec(1)])
     ds = read_dataset([str(one), str(two)])
+    # Later copies win; a merged record sits at its last copy's place (where a streaming
+    # pass can give it out) and keeps its first copy's source.
     assert [(d.decision_id, d.output) for d in ds.decisions] == [
-        ("d1", "answer 1"),
-        ("d2", "answer 2"),
+        ("d2", "second"),
         ("d3", "answer 3"),
+        ("d1", "answer 1"),
     ]
     assert ds.duplicate_ids == 2
-    assert ds.decisions[1].source == f"{one}:2"
+    assert ds.decisions[0].source == f"{one}:2"
 
 
 # --- files and directories --------------------------------------------------------------

@@ -85,18 +85,42 @@ def new_model_id(mode: str, base_name: str) -> str:
 def run_tuning(
     config: TuningConfig | str | None = None,
     /,
+    llm_path: str | None = None,
+    dataset_path: str | list[str] | None = None,
+    experiment_name: str | None = None,
+    tracking_uri: str | None = None,
+    devices: str | None = None,
     *,
     progress: Callable[[int], None] | None = None,
     **options: Any,
 ) -> TuningResult:
     """Train, track and register one model.
 
-    `config` may be a TuningConfig or the path of a YAML file; keyword `options`
-    (the same names as the CLI flags) override it. `progress(step)` is called after each
-    logged training step (SFT: every `logging_steps`; PPO: every rollout step); its
-    exceptions are swallowed, so a progress display can never fail a job. Raises a
-    `SimtuneError` subclass on bad input, before anything is written.
+    `config` may be a TuningConfig, the path of a YAML file, or a tuning mode
+    (``"sft"``, ``"ppo"``, ``"reward"``): YuLan-OneSim's call
+    ``run_tuning(tuning_mode, llm_path, dataset_path=None, experiment_name=...,
+    tracking_uri=..., devices=...)`` works as it is, positionally too. Those parameters
+    and the keyword `options` (the same names as the CLI flags) override the config;
+    None leaves an option at its default. ``dataset_path=None`` falls back to the
+    environment's datasets folder, ``<workspace>/envs/<env>/datasets``, when `env` is
+    given (``env="job_market"``). `progress(step)` is called after each logged training
+    step (SFT: every `logging_steps`; PPO: every rollout step); its exceptions are
+    swallowed, so a progress display can never fail a job. Raises a `SimtuneError`
+    subclass on bad input, before anything is written.
     """
+    from simtune.config import TUNING_MODES
+
+    named = {
+        "llm_path": llm_path,
+        "dataset_path": [dataset_path] if isinstance(dataset_path, (str, Path)) else dataset_path,
+        "experiment_name": experiment_name,
+        "tracking_uri": tracking_uri,
+        "devices": devices,
+    }
+    options = {**{k: v for k, v in named.items() if v is not None}, **options}
+    if isinstance(config, str) and config in TUNING_MODES:
+        options.setdefault("tuning_mode", config)
+        config = None
     if isinstance(config, TuningConfig):
         cfg = build_config(overrides=options, base=config)
     else:
@@ -308,6 +332,7 @@ def _check_inputs(cfg: TuningConfig, workspace: Path) -> tuple[Any, ...]:
         min_reward=cfg.min_reward,
         agent_types=cfg.agent_types,
         max_samples=cfg.max_samples,
+        unfence_outputs=cfg.unfence_outputs,
     )
     if not selection.decisions:
         dropped = ", ".join(f"{k}: {v}" for k, v in selection.dropped.items() if v) or "none"
@@ -497,6 +522,7 @@ def _train_mode(
         trainable_adapter=True,
         precision=precision,
         trust_remote_code=cfg.trust_remote_code,
+        device_map=cfg.device_map,
     )
     if cfg.tuning_mode == "sft":
         from simtune.training.sft import train_sft
@@ -663,5 +689,10 @@ def _registry_add(workspace: Path, meta: dict[str, Any], path: Path) -> None:
             ],
             "metrics": meta["metrics"],
             "mlflow": meta["mlflow"],
+            # YuLan-OneSim's ModelMetadata fields, so its model-management UI lists it
+            "model_name": meta["model_id"],
+            "model_type": "lora",
+            "base_model_name": Path(meta["base_model"]["path"]).name,
+            "description": f"simtune {meta['tuning_mode']} LoRA adapter",
         }
     )

@@ -60,6 +60,10 @@ class TuningConfig:
     """Decision files (.jsonl or JSON list) or directories (all decisions_*.json[l] in
     them, recursively); several may be given."""
 
+    env: str | None = None
+    """Simulation environment name: with no --dataset_path, train on its datasets folder
+    <workspace>/envs/<env>/datasets (YuLan-OneSim's and simtune's layout)."""
+
     workspace: str | None = None
     """Workspace root holding models/, envs/ and the embedded MLflow store (default:
     $SIMTUNE_HOME, else the current directory)."""
@@ -114,6 +118,15 @@ class TuningConfig:
     file's settings (DeepSpeed, FSDP, mixed precision, num_processes) apply to
     SFT, reward-model training and PPO alike."""
 
+    device_map: str | None = None
+    """'auto': load the base model sharded layer by layer over all visible GPUs (and CPU
+    memory past them) through accelerate, in one process -- for SFT of a model larger
+    than one GPU (YuLan-OneSim loads its 14B models so). Use
+    it when the model does not fit one GPU and speed matters less than simplicity (the
+    GPUs take turns); use --nproc or --devices (data parallel) when it fits one GPU, and FSDP
+    or DeepSpeed ZeRO-3 through --accelerate_config / --deepspeed when it does not and
+    every GPU should compute at once."""
+
     deepspeed: str | None = None
     """DeepSpeed JSON config for SFT and reward-model training (the Hugging Face
     Trainer's --deepspeed; needs the deepspeed package). For PPO put DeepSpeed in an
@@ -132,6 +145,12 @@ class TuningConfig:
 
     system_prompt: str | None = None
     """System message put before each prompt that has none."""
+
+    unfence_outputs: bool = False
+    """Train on the answer inside a markdown code fence (```json ... ```) instead of
+    the answer as the simulation produced it. Off by default: simulators whose parser
+    needs the fence (YuLan-OneSim's JsonBlockParser) must keep getting it; turn on when
+    the fence was only the model's habit and nothing parses it."""
 
     max_samples: int | None = None
     """Use at most this many training examples (a quick dry run on a subset)."""
@@ -155,7 +174,8 @@ class TuningConfig:
 
     max_length: int = 1024
     """Longest tokenized example; longer prompts are cut from the left so the answer
-    (what the loss is on) survives."""
+    (what the loss is on) survives, with a warning counting them. Simulation prompts can
+    be long (YuLan-OneSim trains with 8192): raise it when the warning appears."""
 
     warmup_ratio: float = 0.03
     """Fraction of steps spent warming the learning rate up."""
@@ -341,8 +361,31 @@ class TuningConfig:
                 raise ConfigError("--judge_model is required with --judge_url")
         if not self.llm_path:
             raise ConfigError("--llm_path is required (a model directory, adapter or model id)")
+        if self.device_map is not None:
+            if self.device_map != "auto":
+                raise ConfigError(
+                    f"--device_map: only 'auto' is supported, got {self.device_map!r}"
+                )
+            if self.tuning_mode != "sft":
+                raise ConfigError(
+                    "--device_map auto: SFT only; for PPO or a reward model larger than one "
+                    "GPU use FSDP through --accelerate_config"
+                )
+            if self.distributed() or self.deepspeed:
+                raise ConfigError(
+                    "--device_map auto shards one process's model over the GPUs; it cannot "
+                    "be combined with --nproc/--devices (several)/--nnodes/--accelerate_config/--deepspeed"
+                )
+        if not self.dataset_path and self.env:
+            from simtune.registry import check_name
+
+            folder = self.workspace_path() / "envs" / check_name(self.env, "--env") / "datasets"
+            self.dataset_path = [str(folder)]
         if not self.dataset_path:
-            raise ConfigError("--dataset_path is required (one or more files or directories)")
+            raise ConfigError(
+                "--dataset_path is required (one or more files or directories), or --env NAME "
+                "for <workspace>/envs/NAME/datasets"
+            )
         if self.lr_scheduler_type not in LR_SCHEDULERS:
             raise ConfigError(
                 f"--lr_scheduler_type: unknown schedule {self.lr_scheduler_type!r} "

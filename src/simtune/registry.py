@@ -48,7 +48,19 @@ class Registry:
             raise SimtuneError(
                 f"{self.path}: corrupt registry ({exc.msg} at line {exc.lineno})"
             ) from None
+        if isinstance(data, list):  # another writer's bare list of entries
+            data = {"version": 1, "models": data}
+        elif (
+            isinstance(data, dict)
+            and "models" not in data
+            and all(isinstance(v, dict) for v in data.values())
+        ):  # a mapping of id -> entry
+            data = {"version": 1, "models": [{"model_id": k, **v} for k, v in data.items()]}
         data.setdefault("models", [])
+        for m in data["models"]:
+            # YuLan-OneSim's ModelMetadata entries name a model by model_name (or id)
+            if isinstance(m, dict) and "model_id" not in m:
+                m["model_id"] = str(m.get("id") or m.get("model_name") or "")
         return data
 
     def _update(self, change: Callable[[dict[str, Any]], Any]) -> Any:

@@ -37,9 +37,9 @@ HTTP contract
 - ``POST /v1/chat/completions``: ``messages`` rendered with the tokenizer's chat template
   (generation prompt added); ``POST /v1/completions``: ``prompt`` a string, a list of
   strings (one choice each), token ids or lists of token ids.
-  Honoured: ``max_tokens`` / ``max_completion_tokens`` (default and upper bound: the
-  server's ``--max-new-tokens``; a longer request is clipped and ends with
-  ``finish_reason: "length"``), ``temperature`` (0 = greedy), ``top_p``, ``stop`` (up to
+  Honoured: ``max_tokens`` / ``max_completion_tokens`` (default: no cap but the model's
+  context window, as in vLLM; ``--max-new-tokens`` sets a default and upper bound, a
+  longer request is clipped and ends with ``finish_reason: "length"``), ``temperature`` (0 = greedy), ``top_p``, ``stop`` (up to
   4 strings, not included in the answer), ``stream`` and ``stream_options.include_usage``.
   ``usage`` counts prompt and completion tokens. ``n`` > 1, ``logprobs`` and ``echo``
   are refused (400); other OpenAI fields (penalties, seed, tools, ...) are ignored.
@@ -124,6 +124,10 @@ _VERSION = re.compile(r"^\d+$")
 
 Prompt = str | list[dict[str, Any]] | list[int]
 
+
+# Answer cap when neither the request, --max-new-tokens nor the model config's context
+# length (max_position_embeddings) gives one.
+UNKNOWN_CONTEXT_TOKENS = 4096
 
 # --- what is served ----------------------------------------------------------------------
 
@@ -446,7 +450,7 @@ class Engine:
         *,
         device: str,
         max_batch_size: int = 8,
-        max_new_tokens: int = 512,
+        max_new_tokens: int | None = None,
         batch_wait_s: float = 0.002,
     ) -> None:
         import torch
@@ -464,7 +468,8 @@ class Engine:
             self._install_row_hooks()
         self.device = device
         self.max_batch_size = max(1, int(max_batch_size))
-        self.max_new_tokens = max(1, int(max_new_tokens))
+        # None (the default, as in vLLM): no cap but the context window.
+        self.max_new_tokens = None if max_new_tokens is None else max(1, int(max_new_tokens))
         self.batch_wait_s = batch_wait_s
         cfg = getattr(model, "config", None)
         self.context_length = int(getattr(cfg, "max_position_embeddings", 0) or 0) or None
@@ -512,7 +517,7 @@ class Engine:
         device: str | None = None,
         precision: str = "auto",
         max_batch_size: int = 8,
-        max_new_tokens: int = 512,
+        max_new_tokens: int | None = None,
         trust_remote_code: bool = False,
     ) -> Engine:
         """Resolve `models` (`resolve_served`), load their shared base once and attach
@@ -543,7 +548,7 @@ class Engine:
         *,
         device: str | None,
         max_batch_size: int,
-        max_new_tokens: int,
+        max_new_tokens: int | None,
         trust_remote_code: bool,
         precision: str = "auto",
     ) -> Engine:
@@ -612,6 +617,13 @@ class Engine:
             max_batch_size=max_batch_size,
             max_new_tokens=max_new_tokens,
         )
+
+    def add_aliases(self, aliases: dict[str, str]) -> None:
+        """Serve each alias (``--served-model-name``) as the served model it names."""
+        for alias, target in aliases.items():
+            self.served[alias] = self.served[target]
+            self._peft[alias] = self._peft[target]
+            self.names.append(alias)
 
     # --- requests -------------------------------------------------------------------
 
@@ -688,11 +700,10 @@ class Engine:
         if self._closed:
             raise RequestError(503, "the engine is shut down", code="unavailable")
         ids = self.encode(model, prompt)
-        limit = (
-            self.max_new_tokens if max_tokens is None else min(int(max_tokens), self.max_new_tokens)
-        )
+        caps = [c for c in (max_tokens, self.max_new_tokens) if c is not None]
         if self.context_length:
-            limit = min(limit, self.context_length - len(ids))
+            caps.append(self.context_length - len(ids))
+        limit = min(int(c) for c in caps) if caps else UNKNOWN_CONTEXT_TOKENS
         req = _Request(
             self._peft[model],
             ids,
@@ -1131,6 +1142,31 @@ def resolve_all(
         out[s.name] = s
     assert base is not None
     out[BASE_NAME] = base
+    return out
+
+
+def alias_map(
+    served: dict[str, ServedModel],
+    models: Sequence[str],
+    names: Sequence[str],
+    workspace: str | Path | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, str]:
+    """``--served-model-name`` NAMEs -> the served name of the first ``--model`` they
+    stand for (``"base"`` when that is the base model itself)."""
+    if not names:
+        return {}
+    first = resolve_served(models[0], workspace=workspace, tracking_uri=tracking_uri)
+    target = first.name if first.adapter_dir else BASE_NAME
+    out: dict[str, str] = {}
+    for name in names:
+        if not name or len(name) > 256 or any(c.isspace() or not c.isprintable() for c in name):
+            raise ConfigError(
+                f"--served-model-name {name!r}: 1-256 printable characters, no spaces"
+            )
+        if name in served or name in out:
+            raise ConfigError(f"--served-model-name {name}: the name is served twice")
+        out[name] = target
     return out
 
 
@@ -1783,30 +1819,37 @@ def serve(
     device: str | None = None,
     precision: str = "auto",
     max_batch_size: int = 8,
-    max_new_tokens: int = 512,
+    max_new_tokens: int | None = None,
     trust_remote_code: bool = False,
+    served_model_names: Sequence[str] = (),
 ) -> None:
-    """`simtune serve`: resolve, check the port, load, serve until SIGINT/SIGTERM."""
+    """`simtune serve`: resolve, check the port, load, serve until SIGINT/SIGTERM.
+    `served_model_names` (``--served-model-name``, as in vLLM) are more names for the
+    first ``--model``."""
     if max_batch_size < 1:
         raise ConfigError(f"--max-batch-size must be at least 1, got {max_batch_size}")
-    if max_new_tokens < 1:
+    if max_new_tokens is not None and max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be in 0..65535, got {port}")
     chosen = choose_backend(backend)
     served = resolve_all(models, workspace=workspace, tracking_uri=tracking_uri)
+    aliases = alias_map(served, models, served_model_names, workspace, tracking_uri)
     check_port_free(host, port)
     if chosen == "vllm":
-        _run_vllm(
-            vllm_command(
-                served,
-                host=host,
-                port=port,
-                max_batch_size=max_batch_size,
-                trust_remote_code=trust_remote_code,
-            ),
-            vllm_env(api_key, device, dict(os.environ)),
+        cmd = vllm_command(
+            served,
+            host=host,
+            port=port,
+            max_batch_size=max_batch_size,
+            trust_remote_code=trust_remote_code,
         )
+        for alias, target in aliases.items():
+            if target == BASE_NAME:
+                cmd.insert(cmd.index("--served-model-name") + 2, alias)
+            else:
+                cmd += ["--lora-modules", f"{alias}={served[target].adapter_dir}"]
+        _run_vllm(cmd, vllm_env(api_key, device, dict(os.environ)))
         return
     engine = Engine._load_resolved(
         served,
@@ -1816,6 +1859,7 @@ def serve(
         max_new_tokens=max_new_tokens,
         trust_remote_code=trust_remote_code,
     )
+    engine.add_aliases(aliases)
     try:
         Server(engine, host=host, port=port, api_key=api_key).serve_forever()
     finally:

@@ -111,8 +111,37 @@ def embedded_uri(workspace: Path) -> str:
 
 
 def resolve_tracking_uri(explicit: str | None, workspace: Path) -> str:
+    """The tracking URI to use. A file store (``./mlruns``, a plain path or ``file:``:
+    YuLan-OneSim's default) is accepted: MLflow 3 refuses it unless
+    ``MLFLOW_ALLOW_FILE_STORE`` is true (the store is in maintenance mode), so this sets
+    that, with a warning saying so, unless the user set it false (then a clear error)."""
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
-    return uri or embedded_uri(workspace)
+    uri = uri or embedded_uri(workspace)
+    if is_file_store(uri):
+        allowed = os.environ.get("MLFLOW_ALLOW_FILE_STORE")
+        if allowed is not None and allowed.strip().lower() in ("0", "false", "no", "off"):
+            raise TrackingError(
+                f"--tracking_uri {uri}: a file store, but MLFLOW_ALLOW_FILE_STORE={allowed}; "
+                "unset it, or use sqlite:///mlflow.db (`mlflow migrate-filestore` converts "
+                "an existing ./mlruns)"
+            )
+        if allowed is None:
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+            log.warning(
+                "--tracking_uri %s: MLflow's file store is in maintenance mode (no new "
+                "features); using it (MLFLOW_ALLOW_FILE_STORE=true). sqlite:///mlflow.db is "
+                "the supported store; `mlflow migrate-filestore` converts ./mlruns",
+                uri,
+            )
+    return uri
+
+
+def is_file_store(uri: str) -> bool:
+    """A local-directory (file store) tracking URI: a path (``./mlruns``) or ``file:``."""
+    if uri.startswith("file:"):
+        return True
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    return not scheme and ":" not in uri.split("/", 1)[0]
 
 
 def sqlite_path(uri: str) -> Path | None:

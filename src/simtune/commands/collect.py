@@ -130,12 +130,40 @@ def register(sub: Any) -> None:
         help="seconds the upstream may stay silent before the call fails with 504 "
         "(default: 600; no limit on a whole generation or stream)",
     )
+    p.add_argument(
+        "--skip-calls",
+        "--skip_calls",
+        dest="skip_calls",
+        action="append",
+        default=[],
+        metavar="[WHERE=]REGEX",
+        help="do not record calls matching REGEX (WHERE: system, prompt (default) or "
+        "output); repeatable. E.g. a simulation's planning or memory calls",
+    )
+    p.add_argument(
+        "--label-calls",
+        "--label_calls",
+        dest="label_calls",
+        action="append",
+        default=[],
+        metavar="NAME=[WHERE=]REGEX",
+        help="set metadata.call=NAME on recorded calls matching REGEX; repeatable",
+    )
+    p.add_argument(
+        "--require-output",
+        "--require_output",
+        dest="require_output",
+        metavar="REGEX",
+        help="record only answers matching REGEX (YuLan-OneSim's decisions: '```json')",
+    )
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from simtune.decisions.proxy import serve
+    from simtune.decisions.rules import CallRules
 
+    rules = CallRules.parse(args.skip_calls, args.label_calls, args.require_output)
     if args.collect_command == "proxy":
         serve(
             args.upstream,
@@ -151,5 +179,6 @@ def run(args: argparse.Namespace) -> int:
             gamma=args.gamma,
             max_body_mb=args.max_body_mb,
             timeout=args.timeout,
+            rules=rules,
         )
     return 0

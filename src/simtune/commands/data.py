@@ -94,7 +94,9 @@ def register(sub: Any) -> None:
         help="records per env and agent type: score coverage, means, lengths",
         description="Counts per env and agent type: records, how many carry a reward, a "
         "rating and an improved answer (feedback), mean reward and rating, mean prompt and "
-        "output length in characters; events, orphan events and repeated ids in all.",
+        "output length in characters; events, orphan events and repeated ids in all. Copies "
+        "of a repeated decision id are merged in file order (later non-null fields win, "
+        "a human rating is never replaced by an LLM one).",
     )
     _add_inputs(s)
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -390,7 +392,7 @@ def run_stats(args: argparse.Namespace) -> int:
         f"{stats['files']} file(s), {stats['runs']} run(s), {stats['agents']} agent(s); "
         f"ratings by human {t['rated_by_human']}, by LLM {t['rated_by_llm']}; "
         f"{stats['events']} event(s), {stats['orphan_events']} orphan event(s), "
-        f"{stats['duplicate_ids']} repeated id(s)",
+        f"{stats['duplicate_ids']} repeated id(s) merged",
         highlight=False,
     )
     return 0

@@ -88,9 +88,21 @@ def register(sub: Any) -> None:
         "--max_new_tokens",
         dest="max_new_tokens",
         type=int,
-        default=512,
+        default=None,
         help="default and upper bound of a request's max_tokens; longer requests are clipped "
-        "and end with finish_reason 'length' (default: 512)",
+        "and end with finish_reason 'length' (default: none but the model's context window, "
+        "as in vLLM: OneSim and other clients send no max_tokens)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        "--served_model_name",
+        dest="served_model_names",
+        nargs="+",
+        metavar="NAME",
+        default=[],
+        help="more names clients may put in 'model' for the first --model, as vLLM's flag "
+        "(e.g. the 'model_name' in YuLan-OneSim's config/model_config.json: "
+        "Qwen2.5-14B-Instruct, or lora)",
     )
     p.add_argument(
         "--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)"
@@ -122,5 +134,6 @@ def run(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_new_tokens=args.max_new_tokens,
         trust_remote_code=args.trust_remote_code,
+        served_model_names=args.served_model_names,
     )
     return 0

@@ -284,10 +284,17 @@ def stream_stats(
         if all(_is_jsonl(f) for f in files) and (
             sum(f.stat().st_size for f in files) >= _PARALLEL_MIN_BYTES
         ):
-            return _stats_parallel(files, n, on_bytes)
+            try:
+                return _stats_parallel(files, n, on_bytes)
+            except _RepeatedIds:
+                pass  # merging copies needs them in file order: one pass, below
     acc = StatsAccumulator()
     scan = scan_dataset(paths, acc.add, on_bytes=on_bytes)
     return acc.result(scan)
+
+
+class _RepeatedIds(Exception):
+    """`_stats_parallel` found a repeated decision id (copies merge in file order)."""
 
 
 # Below this a pool's start-up (~0.1-0.3 s) costs more than it saves.
@@ -346,10 +353,17 @@ def _prepass(
 
 def _brief_of(obj: Any, path: str, line: int) -> tuple[str, Brief] | None:
     """(id, folded Brief) of one parsed record; None for an event. Raises DataError."""
-    from simtune.decisions.reader import Event, _fast_brief, brief, fold_events, normalize
+    from simtune.decisions.reader import (
+        Event,
+        _fast_brief,
+        brief,
+        env_from_path,
+        fold_events,
+        normalize,
+    )
 
     if type(obj) is dict and "event" not in obj:
-        fast = _fast_brief(obj)
+        fast = _fast_brief(obj, env_from_path(path))
         if fast is not None and fast[0] not in _WORKER_EVENTS:
             return fast
     d = normalize(obj, path, line)
@@ -454,8 +468,9 @@ def _stats_parallel(
 ) -> dict[str, Any]:
     """`stream_stats` over JSONL files with a process pool (Linux fork; elsewhere one
     process). Memory: the parent keeps the sorted fingerprints of the ids read so far
-    (8 B per decision: 8 MB at a million) to find ids repeated across ranges; a repeat
-    is re-read by its byte offset and taken out of the totals again."""
+    (8 B per decision: 8 MB at a million) to find ids repeated across ranges. A repeated
+    id raises `_RepeatedIds` (its copies merge field by field in file order, which ranges
+    counted apart cannot do) and `stream_stats` takes the one-process pass instead."""
     import logging
     import multiprocessing
 
@@ -496,24 +511,15 @@ def _stats_parallel(
             info.records += res["records"]
             info.events += res["events"]
             scan.records += res["records"]
-            scan.duplicate_ids += res["dups"]
+            if res["dups"]:
+                raise _RepeatedIds
             matched |= res["matched"]
             fps = np.frombuffer(res["fps"], dtype=np.int64)
             acc.merge(res["acc"])
             kept = seen[:n_seen]
             i = np.searchsorted(kept, fps)
-            repeated = np.flatnonzero(kept[np.minimum(i, n_seen - 1)] == fps) if n_seen else []
-
-            if len(repeated):
-                offsets = np.frombuffer(res["offsets"], dtype=np.int64)
-                lines = np.frombuffer(res["lines"], dtype=np.int64)
-                with open(path, "rb") as fh:
-                    for k in repeated:
-                        fh.seek(int(offsets[k]))
-                        got = _brief_of(json.loads(fh.readline()), path, int(lines[k]))
-                        assert got is not None
-                        acc.remove(got[1])
-                scan.duplicate_ids += len(repeated)
+            if n_seen and (kept[np.minimum(i, n_seen - 1)] == fps).any():
+                raise _RepeatedIds
             if n_seen + len(fps) > len(seen):  # shorter lines than assumed: grow
                 seen = np.concatenate([seen[:n_seen], np.empty(n_seen + len(fps), np.int64)])
             seen[n_seen : n_seen + len(fps)] = fps
@@ -538,7 +544,8 @@ def _stats_parallel(
         )
     if scan.duplicate_ids:
         log.warning(
-            "%d record(s) repeat an earlier decision_id; the first one is kept", scan.duplicate_ids
+            "%d record(s) repeat an earlier decision_id; merged (later non-null fields win)",
+            scan.duplicate_ids,
         )
     return acc.result(scan)
 

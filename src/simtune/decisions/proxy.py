@@ -118,6 +118,7 @@ from simtune.aio_http import (
 )
 from simtune.aio_http import Reject as _Reject
 from simtune.config import resolve_workspace
+from simtune.decisions.rules import CallRules
 from simtune.decisions.schema import CHAT_ROLES, finite_number
 from simtune.decisions.writer import (
     CREDIT_RULES,
@@ -443,8 +444,12 @@ class RecordingProxy:
         timeout: float = 600.0,
         max_connections: int = 256,
         shutdown_timeout: float = 10.0,
+        rules: CallRules | None = None,
     ) -> None:
         from simtune.decisions.recorder import new_run_id
+
+        self.rules = rules
+        self.skipped = 0  # calls the rules kept out of the log
 
         self.upstream = upstream_base(upstream)
         self.env_name = check_name(env_name, "env name (--env)")
@@ -778,6 +783,14 @@ class RecordingProxy:
             return web.Response(body=raw, status=up.status, headers=headers)
 
     def _record(self, ex: _Exchange, output: str, meta: dict[str, Any], model: Any) -> bool:
+        """Write the decision record; False when it was not written (skipped by the call
+        rules, or not encodable)."""
+        label = None
+        if self.rules:
+            keep, label = self.rules.classify(ex.prompt, ex.messages, output)
+            if not keep:
+                self.skipped += 1
+                return False
         who = ex.who
         rec: dict[str, Any] = {
             "decision_id": ex.decision_id,
@@ -798,6 +811,8 @@ class RecordingProxy:
             rec["model"] = str(model)
         rec["latency_s"] = round(time.perf_counter() - ex.started, 6)
         metadata: dict[str, Any] = {"source": "proxy", "endpoint": ex.endpoint}
+        if label is not None:
+            metadata["call"] = label
         metadata["stream"] = bool(ex.payload.get("stream"))
         metadata.update((k, v) for k, v in meta.items() if v is not None)
         params = {k: v for k, v in ex.payload.items() if k not in _UNRECORDED_PARAMS}

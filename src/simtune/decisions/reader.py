@@ -9,7 +9,7 @@ Formats (detected from content, not the extension):
   line numbers in errors point at the start of the offending element.
 
 Record shapes: DESIGN.md §3 decision records; the seed export (``trail_id``,
-``human_rating``/``llm_rating``, ``refined_output``, fenced outputs, ``context`` as a
+``human_rating``/``llm_rating``, ``refined_output``, ``context`` as a
 JSON string); ``prompt``/``completion`` pairs; chat ``messages`` lists (OpenAI) and
 TRL's conversational ``{"prompt": [...], "completion": [...]}``.
 
@@ -17,6 +17,16 @@ Event folding rule: ``reward`` events *add* to the decision's reward (an immedia
 reward plus an episode share both count); ``rating`` and ``feedback`` events
 *replace* (the newest wins), except that an ``llm`` rating never replaces a ``human``
 one. Events whose decision is not in the loaded files are counted as orphans.
+
+Repeated decision ids (YuLan-OneSim re-exports its whole cumulative list at every step,
+and its UI saves it again with ratings): copies merge *in file order* -- paths as given,
+a folder's files sorted by name, so OneSim's ``decisions_%Y%m%d_%H%M%S.json`` go oldest
+first; modification times are not used -- field by field: a non-null later value
+replaces the earlier one, except that a rating not by a ``human`` never replaces a
+human's (`merge_decision`). The merged record sits where its last copy was read.
+YuLan-OneSim's own ``rating`` (in files without the ``human_rating``/``llm_rating``
+columns) is its LLM judge's, so it is read as ``rating_source: llm``; a path
+``.../envs/<env>/datasets/...`` gives records without an ``env_name`` that env.
 
 Two modes: `read_dataset(paths)` raises a `DataError` on the first problem (training
 must not start on bad data). `read_dataset(paths, problems=[])` (or `validate_dataset`)
@@ -36,9 +46,11 @@ it holds every decision (training needs them all anyway).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from math import isfinite as _isfinite
@@ -70,6 +82,8 @@ _CONSUMED = {
     "llm_reason",
     "event",
 } | set(ALIASES)
+# Keys only YuLan-OneSim's decision records carry (its `rating` is an LLM judge's).
+_ONESIM_KEYS = frozenset({"trail_id", "universe_id"})
 # Top-level keys the reader interprets itself; any other key is kept in `metadata`.
 RESERVED_KEYS = frozenset(DECISION_FIELDS) | frozenset(_CONSUMED)
 
@@ -210,23 +224,73 @@ def read_dataset(paths: Iterable[str], *, problems: list[Problem] | None = None)
                 events.append(item)
                 continue
             info.records += 1
-            if item.decision_id in decisions:
+            earlier = decisions.get(item.decision_id)
+            if earlier is not None:
                 duplicates += 1
                 sink.warn(
                     Problem.warning(
                         f"repeats decision {item.decision_id!r} first read at "
-                        f"{decisions[item.decision_id].source}; this copy is ignored",
+                        f"{earlier.source}; {MERGED}",
                         str(path),
                         line,
                         "decision_id",
                     )
                 )
+                merge_decision(earlier, item)
+                # At its last copy's place: where a streaming pass can give it out.
+                decisions[item.decision_id] = decisions.pop(item.decision_id)
                 continue
             decisions[item.decision_id] = item
     orphaned: list[Event] = []
     orphans = fold_events(decisions, events, orphaned)
     _report_leftovers(sink, orphaned, duplicates)
     return Dataset(list(decisions.values()), files, orphans, duplicates)
+
+
+MERGED = "merged into it (later non-null fields win)"
+
+
+def merge_decision(earlier: Decision, later: Decision) -> None:
+    """Fold a later copy of a decision into the earlier one, field by field: a non-null
+    later value replaces the earlier one (metadata key by key), except that a rating
+    whose source is not ``human`` never replaces a ``human`` rating. This is how a
+    simulator that re-exports its whole cumulative list (YuLan-OneSim's
+    ``decisions_<ts>.json`` at every step, then again after rating/refining in its UI)
+    ends up as one record carrying its newest scores. Copies are merged in file order
+    (see `discover`: sorted names, so OneSim's timestamped names sort oldest first)."""
+    human_kept = (
+        earlier.rating is not None
+        and earlier.metadata.get("rating_source") == "human"
+        and later.metadata.get("rating_source") != "human"
+    )
+    for name in DECISION_FIELDS:
+        if name in ("decision_id", "metadata", "rating"):  # `source` stays the first copy's
+            continue
+        value = getattr(later, name)
+        if value is not None:
+            setattr(earlier, name, value)
+    if later.messages is not None:
+        earlier.prompt = later.prompt
+    elif later.prompt is not None:
+        earlier.messages = None
+    meta = {k: v for k, v in later.metadata.items() if v is not None}
+    if human_kept or later.rating is None:
+        meta.pop("rating_source", None)
+    if later.rating is not None and not human_kept:
+        earlier.rating = later.rating
+        earlier.metadata.pop("rating_source", None)
+    earlier.metadata.update(meta)
+
+
+@functools.lru_cache(maxsize=256)
+def env_from_path(path: str) -> str | None:
+    """``.../envs/<env>/datasets/...`` (YuLan-OneSim's and simtune's workspace layout)
+    -> ``<env>``; None for any other path."""
+    parts = Path(path).parts
+    for i in range(len(parts) - 3, -1, -1):
+        if parts[i] == "envs" and parts[i + 2] == "datasets":
+            return parts[i + 1]
+    return None
 
 
 # --- streaming: aggregates over files of any size ---------------------------------------------
@@ -262,7 +326,7 @@ def brief(d: Decision) -> Brief:
 _SLOW_KEYS = frozenset(_CONSUMED) | {"messages", "completion", "context", "rating_source"}
 
 
-def _fast_brief(obj: dict[str, Any]) -> tuple[str, Brief] | None:
+def _fast_brief(obj: dict[str, Any], default_env: str | None = None) -> tuple[str, Brief] | None:
     """(decision id, Brief) of a plain DESIGN.md record without building a Decision, or
     None when the record needs `normalize` (other shapes, or anything it would reject or
     rewrite: the full path then gives the same answer or the same error). About 3x
@@ -278,11 +342,10 @@ def _fast_brief(obj: dict[str, Any]) -> tuple[str, Brief] | None:
         or type(output) is not str
         or not prompt.strip()
         or not output.strip()
-        or "```" in output
     ):
         return None
     feedback = obj.get("feedback")
-    if feedback is not None and (type(feedback) is not str or "```" in feedback):
+    if feedback is not None and type(feedback) is not str:
         return None
     step = obj.get("step")
     if step is not None and type(step) is not int:
@@ -309,7 +372,7 @@ def _fast_brief(obj: dict[str, Any]) -> tuple[str, Brief] | None:
         obj.get("agent_id"),
     )
     return str(did), (
-        env if env is None or type(env) is str else str(env),
+        default_env if env is None else env if type(env) is str else str(env),
         agent_type if agent_type is None or type(agent_type) is str else str(agent_type),
         run if run is None or type(run) is str else str(run),
         agent if agent is None or type(agent) is str else str(agent),
@@ -380,6 +443,21 @@ class SeenIds:
         self.where[: self.n] = self.where[: self.n][order]
 
 
+def _repeated(fps: Any) -> dict[int, int]:
+    """{fingerprint: count} of the fingerprints occurring more than once (numpy sort:
+    8 B per id, once)."""
+    import numpy as np
+
+    if len(fps) < 2:
+        return {}
+    a = np.frombuffer(fps, dtype=np.int64).copy()
+    a.sort()
+    starts = np.flatnonzero(np.concatenate(([True], a[1:] != a[:-1])))
+    counts = np.diff(np.concatenate((starts, [len(a)])))
+    many = counts > 1
+    return dict(zip(a[starts[many]].tolist(), counts[many].tolist(), strict=True))
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -410,7 +488,8 @@ def scan_dataset(
     on_bytes: Any = None,
 ) -> Scan:
     """Stream every decision, folded, to `consume` (a `Decision` when `full`, else a
-    `Brief`), in file order, first copy of each id only -- what `read_dataset` returns,
+    `Brief`), in file order, the copies of a repeated id merged (given out at its last
+    copy, found by id fingerprints in pass 1) -- what `read_dataset` returns,
     without holding it.
 
     Two passes over each JSONL file: the first parses only lines holding ``"event"`` and
@@ -424,13 +503,22 @@ def scan_dataset(
     # Pass 1: events, silently (pass 2 reports every problem, in line order).
     events: dict[str, list[Event]] = {}
     in_order: list[Event] = []
+    from array import array
+
+    fps = array("q")  # hash of every record's id, to find the repeated ones
     for path in files:
         try:
-            _, items = _read_file(path, _Sink([]), digest=False, on_bytes=on_bytes, only=b'"event"')
+            _, items = _read_file(
+                path, _Sink([]), digest=False, on_bytes=on_bytes, only=b'"event"', ids=fps
+            )
         except DataError:
             continue  # reported by pass 2
         for line, obj in items:
-            if isinstance(obj, dict) and "event" in obj:
+            if isinstance(obj, dict) and "event" not in obj and obj.get("decision_id") is not None:
+                # Only JSON lists yield records here (read whole anyway); JSONL record
+                # lines went to `fps` unparsed.
+                fps.append(hash(str(obj["decision_id"])))
+            elif isinstance(obj, dict) and "event" in obj:
                 with contextlib.suppress(DataError):
                     ev = normalize(obj, str(path), line)
                     if isinstance(ev, Event):
@@ -441,6 +529,20 @@ def scan_dataset(
     # At most one record per 20 bytes of input (a record line is longer).
     seen = SeenIds(capacity=sum(_size(p) for p in files) // 20 + 1)
     matched: set[str] = set()
+    # Ids with copies in several JSON-list records (OneSim's cumulative exports): each is
+    # held until its last copy has been merged in (`merge_decision`), then consumed.
+    left = _repeated(fps)  # fingerprint -> copies still to come
+    del fps
+    held: dict[int, Decision] = {}
+
+    def finish(d: Decision) -> None:
+        evs = events.get(d.decision_id)
+        if evs:
+            fold_events({d.decision_id: d}, evs)
+            matched.add(d.decision_id)
+        scan.decisions += 1
+        consume(d if full else brief(d))
+
     for index, path in enumerate(files):
         try:
             info, items = _read_file(path, sink, digest=False, on_bytes=on_bytes)
@@ -452,8 +554,8 @@ def scan_dataset(
         for line, obj in items:
             fast = None
             if not full and type(obj) is dict and "event" not in obj:
-                fast = _fast_brief(obj)
-                if fast is not None and fast[0] in events:
+                fast = _fast_brief(obj, env_from_path(spath))
+                if fast is not None and (fast[0] in events or (left and hash(fast[0]) in left)):
                     fast = None  # scores to fold: take the full path
             if fast is not None:
                 did, item = fast
@@ -469,6 +571,30 @@ def scan_dataset(
                 did = d.decision_id
             info.records += 1
             scan.records += 1
+            fp = hash(did) if fast is None and left else None
+            if fp is not None and fp in left:
+                earlier = held.get(fp)
+                if earlier is None:
+                    seen.add(did, index << _LINE_BITS | line)
+                    held[fp] = d
+                else:
+                    scan.duplicate_ids += 1
+                    if sink.collecting:
+                        sink.warn(
+                            Problem.warning(
+                                f"repeats decision {did!r} first read at {earlier.source}; "
+                                f"{MERGED}",
+                                spath,
+                                line,
+                                "decision_id",
+                            )
+                        )
+                    merge_decision(earlier, d)
+                left[fp] -= 1
+                if not left[fp]:  # its last copy: consumed here, where read_dataset has it
+                    del left[fp]
+                    finish(held.pop(fp))
+                continue
             first = seen.add(did, index << _LINE_BITS | line)
             if first is not None:
                 scan.duplicate_ids += 1
@@ -491,6 +617,8 @@ def scan_dataset(
                 item = d if full else brief(d)
             scan.decisions += 1
             consume(item)
+    for d in held.values():  # copies pass 1 counted but pass 2 did not read as records
+        finish(d)
     orphaned = [ev for ev in in_order if ev.decision_id not in matched]
     scan.orphan_events = len(orphaned)
     _report_leftovers(sink, orphaned, scan.duplicate_ids)
@@ -519,7 +647,8 @@ def _report_leftovers(sink: _Sink, orphaned: list[Event], duplicates: int) -> No
             )
         if duplicates:
             log.warning(
-                "%d record(s) repeat an earlier decision_id; the first one is kept", duplicates
+                "%d record(s) repeat an earlier decision_id; merged (later non-null fields win)",
+                duplicates,
             )
 
 
@@ -556,6 +685,7 @@ def _read_file(
     digest: bool = True,
     on_bytes: Any = None,
     only: bytes | None = None,
+    ids: Any = None,
 ) -> tuple[DatasetFile, Iterator[tuple[int, Any]]]:
     """The file's facts and its `(line, object)` pairs. Parse errors go to `sink` (raised
     when strict); after one, a JSONL file goes on with its next line (lines are
@@ -606,10 +736,26 @@ def _read_file(
             raise DataError("not UTF-8 text", path=str(path), line=line) from None
         return DatasetFile(str(path), sha, "json"), _json_list_items(text, str(path), sink)
     info = DatasetFile(str(path), "", "jsonl")
-    return info, _jsonl_stream(fh, head, info, sink, digest=digest, on_bytes=on_bytes, only=only)
+    return info, _jsonl_stream(
+        fh, head, info, sink, digest=digest, on_bytes=on_bytes, only=only, ids=ids
+    )
 
 
 _BOM = b"\xef\xbb\xbf"
+# A top-level-looking "decision_id" (not an escaped one inside a string) and its value.
+_ID_RE = re.compile(rb'(?<!\\)"decision_id"\s*:\s*("(?:[^"\\]|\\.)*"|-?[0-9][0-9.eE+-]*)')
+
+
+def _id_text(token: bytes) -> str:
+    """The id `normalize` makes of a ``decision_id`` JSON token (str() of the value)."""
+    if token[:1] == b'"' and b"\\" not in token:
+        return token[1:-1].decode("utf-8", "replace")
+    try:
+        return str(json.loads(token))
+    except ValueError:
+        return token.decode("utf-8", "replace")
+
+
 _decode = jsontext.loads  # strict: no NaN/Infinity, lone surrogates or over-deep nesting
 TORN_LINE = "skipped a torn last line (no newline at the end: its write was cut short)"
 _PROGRESS_STEP = 1 << 20
@@ -624,10 +770,13 @@ def _jsonl_stream(
     digest: bool = True,
     on_bytes: Any = None,
     only: bytes | None = None,
+    ids: Any = None,
 ) -> Iterator[tuple[int, Any]]:
     """`(line, object)` for each non-blank line of an open JSONL file (`head`: the lines
     already read from it). With `only`, lines not holding those bytes are not parsed and
-    no problem is reported (a pre-pass looking for events)."""
+    no problem is reported (a pre-pass looking for events); `ids` (an ``array('q')``),
+    if given, gets the `hash` of the ``decision_id`` of each line so skipped, found by a
+    regular expression (no JSON parse): how the pre-pass finds repeated ids cheaply."""
     import itertools
 
     path = info.path
@@ -647,6 +796,10 @@ def _jsonl_stream(
             if lineno == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
             if only is not None and only not in raw:
+                if ids is not None:
+                    m = _ID_RE.search(raw)
+                    if m is not None:
+                        ids.append(hash(_id_text(m.group(1))))
                 continue
             try:
                 line = raw.decode("utf-8")
@@ -776,8 +929,7 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
         raise bad("output", "missing: a record needs 'output' (or 'completion')")
     if not isinstance(output, str):
         raise bad("output", f"expected a string, got {type(output).__name__}")
-    output = unfence(output)
-    if not output.strip():
+    if not unfence(output).strip():  # kept verbatim, but an empty fence is no answer
         raise bad("output", "is empty")
 
     def number(fld: str) -> float | None:
@@ -795,7 +947,7 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
     feedback = obj.get("feedback") or obj.get("refined_output")
     if feedback is not None and not isinstance(feedback, str):
         raise bad("feedback", f"expected a string, got {type(feedback).__name__}")
-    feedback = unfence(feedback) if feedback and feedback.strip() else None
+    feedback = feedback if feedback and feedback.strip() else None
 
     step = obj.get("step")
     if step is not None:
@@ -833,6 +985,17 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
         metadata["rating_source"] = "human"
     elif rating is not None and plain is None:
         metadata["rating_source"] = "llm"
+    elif (
+        plain is not None
+        and "rating_source" not in metadata
+        and _ONESIM_KEYS & obj.keys()
+        and "human_rating" not in obj
+        and "llm_rating" not in obj
+    ):
+        # YuLan-OneSim's step/UI files (no human_/llm_rating columns, which its database
+        # export and `data export --format seed` carry): their `rating` (1-5) comes from
+        # its LLM judge (the UI's "rate" button), so a person's rating read later wins.
+        metadata["rating_source"] = "llm"
 
     decision_id = obj.get("decision_id")
     if decision_id is None:
@@ -850,7 +1013,7 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
         output=output,
         prompt=prompt,
         messages=messages,
-        env_name=text("env_name"),
+        env_name=text("env_name") or env_from_path(path),
         run_id=text("run_id", "trail_id"),
         agent_id=text("agent_id"),
         agent_type=None if agent_type is None else str(agent_type),
@@ -900,7 +1063,6 @@ def _event(obj: dict[str, Any], bad: Any, source: str) -> Event:
     if kind == "feedback":
         if not isinstance(value, str):
             raise bad("value", "a feedback event needs a string value")
-        value = unfence(value)
     else:
         try:
             value = finite_number(value)
@@ -934,7 +1096,7 @@ def fold_events(
             d.rating = ev.value
             d.metadata["rating_source"] = src
             if ev.extra.get("feedback"):
-                d.feedback = unfence(str(ev.extra["feedback"]))
+                d.feedback = str(ev.extra["feedback"])
             if ev.extra.get("reason"):
                 d.reason = str(ev.extra["reason"])
         else:
@@ -955,8 +1117,11 @@ def select(
     min_reward: float | None = None,
     agent_types: list[str] | None = None,
     max_samples: int | None = None,
+    unfence_outputs: bool = False,
 ) -> Selection:
-    """Apply the training filters; counts why records were dropped."""
+    """Apply the training filters; counts why records were dropped. With
+    `unfence_outputs`, the kept records' output and feedback lose a markdown code fence
+    around them (--unfence_outputs; records are read verbatim)."""
     dropped = {"min_rating": 0, "min_reward": 0, "agent_types": 0, "max_samples": 0}
     kept = []
     wanted = set(agent_types or ())
@@ -972,6 +1137,10 @@ def select(
     if max_samples is not None and len(kept) > max_samples:
         dropped["max_samples"] = len(kept) - max_samples
         kept = kept[:max_samples]
+    if unfence_outputs:
+        for d in kept:
+            d.output = unfence(d.output)
+            d.feedback = unfence(d.feedback) if d.feedback else d.feedback
     return Selection(kept, dropped)
 
 

@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 from simtune.config import resolve_workspace
+from simtune.decisions.rules import CallRules
 from simtune.decisions.schema import CHAT_ROLES, finite_number
 from simtune.decisions.writer import (
     DecisionLog,
@@ -200,7 +201,10 @@ class Recorder:
         credit: str = "uniform",
         gamma: float = 0.9,
         model: str | None = None,
+        rules: CallRules | None = None,
     ) -> None:
+        self.rules = rules
+        """Which calls of a wrapped client are decisions (`simtune.decisions.rules`)."""
         self.env_name = check_name(env_name, "env name")
         self.run_id = str(run_id) if run_id is not None else new_run_id()
         check_credit(credit, gamma)
@@ -499,6 +503,12 @@ class Recorder:
             log.warning("simtune: call not recorded: the model's answer is empty or not text")
             return None
         meta = {**who.metadata, **metadata} if metadata else who.metadata
+        if self.rules:
+            keep, label = self.rules.classify(prompt, messages, output)
+            if not keep:
+                return None
+            if label is not None:
+                meta = {**meta, "call": label}
         try:
             return self._record(
                 output,

@@ -321,8 +321,10 @@ def load_model(
     trainable_adapter: bool,
     precision: Precision | None = None,
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> Any:
-    """Base causal LM (+ the adapter to continue from). Safetensors only.
+    """Base causal LM (+ the adapter to continue from). Safetensors only. `device_map`
+    ('auto', --device_map) shards it over the visible GPUs through accelerate.
 
     The base weights are loaded in `precision`'s dtype (default fp32); LoRA weights stay
     fp32 whatever it is (PEFT upcasts adapters of a bf16/fp16 base), so the optimizer
@@ -337,6 +339,7 @@ def load_model(
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             local_files_only=spec.base_is_local,
+            **({"device_map": device_map} if device_map else {}),
         )
     except Exception as exc:
         raise ModelError(f"--llm_path: cannot load model {spec.base}: {_first_line(exc)}") from None
