@@ -132,7 +132,11 @@ def test_onesim_run_tuning_call_positional_with_mlruns(
     reg = json.loads((tmp_path / "models" / "registry.json").read_text())
     (entry,) = reg["models"]
     assert entry["model_id"] == entry["model_name"] == result.model_id
-    assert entry["model_type"] == "lora" and entry["path"] == result.adapter_path
+    assert entry["model_type"] == "fine_tuned" and entry["path"] == result.adapter_path
+    assert entry["fine_tuning_params"]["tuning_mode"] == "sft" and entry["tags"] == [
+        "simtune",
+        "sft",
+    ]
 
 
 def test_registry_keeps_and_lists_entries_onesim_wrote(tmp_path: Path) -> None:
@@ -140,20 +144,33 @@ def test_registry_keeps_and_lists_entries_onesim_wrote(tmp_path: Path) -> None:
 
     models = tmp_path / "models"
     models.mkdir()
+    base = models / "Qwen2.5-14B-Instruct"
+    # OneSim's ModelMetadata (src/backend/models/model_library.py), in its older
+    # one-list-per-type layout, which its own loader still reads.
     theirs = {
-        "model_name": "Qwen2.5-14B-Instruct-sft-1",
-        "model_type": "lora",
-        "base_model_name": "Qwen2.5-14B-Instruct",
-        "path": str(models / "Qwen2.5-14B-Instruct-sft-1"),
+        "model_id": "qwen-14b",
+        "model_name": "Qwen2.5-14B-Instruct",
+        "model_type": "base",
+        "path": str(base),
         "created_at": "2025-03-14T17:16:13",
-        "description": "tuned in OneSim",
+        "description": "downloaded in OneSim",
+        "size": "14B",
+        "tags": [],
     }
-    (models / "registry.json").write_text(json.dumps([theirs], indent=4))
+    (models / "registry.json").write_text(json.dumps({"base_models": [theirs]}, indent=4))
     reg = Registry(tmp_path)
-    assert reg.get("Qwen2.5-14B-Instruct-sft-1")["base_model_name"] == "Qwen2.5-14B-Instruct"
-    reg.add({"model_id": "sft-x-1", "model_name": "sft-x-1", "model_type": "lora", "path": "p"})
-    names = [m["model_name"] for m in json.loads((models / "registry.json").read_text())["models"]]
-    assert names == ["Qwen2.5-14B-Instruct-sft-1", "sft-x-1"]  # theirs kept, ours added
+    assert reg.get("qwen-14b")["size"] == "14B"
+    reg.add({"model_id": "sft-x-1", "tuning_mode": "sft", "base_model": str(base), "path": "p"})
+    data = json.loads((models / "registry.json").read_text())
+    assert [m["model_id"] for m in data["models"]] == ["qwen-14b", "sft-x-1"]  # theirs kept
+    assert data["models"][0] == theirs
+    ours = data["models"][1]
+    assert ours["model_type"] == "fine_tuned" and ours["base_model_id"] == "qwen-14b"
+    assert ours["model_name"] == "sft-x-1" and ours["tuning_mode"] == "sft"
+
+    # A bare list, or an id -> entry mapping, from other writers is read too.
+    (models / "registry.json").write_text(json.dumps([theirs]))
+    assert Registry(tmp_path).get("qwen-14b")["model_name"] == "Qwen2.5-14B-Instruct"
 
 
 def test_file_store_refused_clearly_when_user_disallows_it(

@@ -689,10 +689,5 @@ def _registry_add(workspace: Path, meta: dict[str, Any], path: Path) -> None:
             ],
             "metrics": meta["metrics"],
             "mlflow": meta["mlflow"],
-            # YuLan-OneSim's ModelMetadata fields, so its model-management UI lists it
-            "model_name": meta["model_id"],
-            "model_type": "lora",
-            "base_model_name": Path(meta["base_model"]["path"]).name,
-            "description": f"simtune {meta['tuning_mode']} LoRA adapter",
         }
     )

@@ -3,6 +3,15 @@
 Every write takes an exclusive file lock and replaces the file atomically (temp file
 in the same directory, fsync, rename), so parallel jobs never lose an entry and a
 crash never leaves half a file.
+
+YuLan-OneSim's model library (`src/backend/models/model_library.py`) keeps the same
+file: ``{"models": [ModelMetadata, ...]}`` with ``model_id``, ``model_name``,
+``model_type`` (``base``/``fine_tuned``/``embedding``), ``path``, ``created_at`` and
+optional ``description``, ``config_file``, ``base_model_id``, ``fine_tuning_params``,
+``version``, ``size``, ``tags``; its UI lists models by ``model_type``. Entries OneSim
+wrote are kept as they are (its older ``base_models``/``fine_tuned_models``/
+``embedding_models`` lists are read as one), and `add` gives each simtune entry those
+fields too (`onesim_fields`), so OneSim's UI lists simtune's models.
 """
 
 from __future__ import annotations
@@ -28,6 +37,42 @@ def check_name(value: str, what: str = "model id") -> str:
     return value
 
 
+_ONESIM_OLD = ("base_models", "fine_tuned_models", "embedding_models")
+
+
+def onesim_fields(entry: dict[str, Any], models: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ModelMetadata fields of YuLan-OneSim's model library for a simtune entry: a
+    tuned chat model is ``fine_tuned`` (a reward model ``reward``, which OneSim's chat
+    lists leave out); ``base_model_id`` is the registered entry whose ``path`` is the
+    base model's, when there is one."""
+    mode = entry.get("tuning_mode", "")
+    base = entry.get("base_model") or ""
+    base_id = None
+    for m in models:
+        if base and m.get("path") and m.get("model_id") and _same_path(m["path"], base):
+            base_id = m["model_id"]
+            break
+    version = (entry.get("mlflow") or {}).get("registered_model_version")
+    return {
+        "model_name": entry["model_id"],
+        "model_type": "reward" if mode == "reward" else "fine_tuned",
+        "description": f"simtune {mode} LoRA adapter of {Path(base).name or base}",
+        "config_file": None,
+        "base_model_id": base_id,
+        "fine_tuning_params": {"tuning_mode": mode, "base_model": base},
+        "version": str(version) if version else None,
+        "size": None,
+        "tags": ["simtune", mode] if mode else ["simtune"],
+    }
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return a == b
+
+
 class Registry:
     def __init__(self, workspace: Path) -> None:
         self.models_dir = Path(workspace) / "models"
@@ -50,6 +95,11 @@ class Registry:
             ) from None
         if isinstance(data, list):  # another writer's bare list of entries
             data = {"version": 1, "models": data}
+        elif (
+            isinstance(data, dict) and "models" not in data and any(k in data for k in _ONESIM_OLD)
+        ):
+            # OneSim's older layout: one list per model type
+            data = {"version": 1, "models": [m for k in _ONESIM_OLD for m in data.get(k) or []]}
         elif (
             isinstance(data, dict)
             and "models" not in data
@@ -86,7 +136,7 @@ class Registry:
         def change(data: dict[str, Any]) -> None:
             if any(m["model_id"] == entry["model_id"] for m in data["models"]):
                 raise SimtuneError(f"model id {entry['model_id']} is already registered")
-            data["models"].append(entry)
+            data["models"].append({**onesim_fields(entry, data["models"]), **entry})
 
         self._update(change)
 
