@@ -156,9 +156,12 @@ def app_runner(app: Any, **kwargs: Any) -> Any:
             server.__class__ = _Server  # same object, our protocol factory
             return server
 
-    # No lingering read of a body left unread (a 413): aiohttp would go on reading it for
-    # 10 s; the connection is closed instead (bodies that are answered are read whole).
-    kwargs.setdefault("lingering_time", 0)
+    # A body left unread (a 413) is still drained for a short while after the answer is
+    # sent: closing a socket with unread data makes the kernel send a reset, which can
+    # destroy the 413 before a client that is still sending reads it (seen under load).
+    # aiohttp's default is 10 s of this; 2 s is enough on loopback and LANs and bounds
+    # what a client can hold a connection for with a body nobody will read.
+    kwargs.setdefault("lingering_time", 2.0)
     return _Runner(app, **kwargs)
 
 
