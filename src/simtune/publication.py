@@ -192,8 +192,9 @@ def _recover_job(workspace: Path, job_dir: Path, job: dict[str, Any]) -> dict[st
     intent = _read(job_dir / INTENT_FILE)
     pid = (job.get("owner") or {}).get("pid")
     in_registry = any(e.get("model_id") == model_id for e in Registry(workspace).list())
+    client = _client(job)  # one store check and client per job, not per step
     if intent is not None and in_registry and Path(intent["final_dir"]).is_dir():
-        _end_run(job, "FINISHED", None)
+        _end_run(client, job, "FINISHED", None)
         shutil.rmtree(job_dir, ignore_errors=True)
         log.warning(
             "%s: its process (pid %s) died after publishing it; the run is marked FINISHED",
@@ -205,12 +206,12 @@ def _recover_job(workspace: Path, job_dir: Path, job: dict[str, Any]) -> dict[st
         "while publishing the model" if intent is not None else "while training"
     )
     if intent is not None:
-        _delete_versions(job, intent["registered_model_name"])
+        _delete_versions(client, job, intent["registered_model_name"])
         final = Path(intent["final_dir"])
         if final.is_dir() and not in_registry:
             shutil.rmtree(final, ignore_errors=True)
         (job_dir / INTENT_FILE).unlink(missing_ok=True)
-    _end_run(job, "KILLED", reason)
+    _end_run(client, job, "KILLED", reason)
     keep_or_drop_job(job_dir, "killed")
     log.warning("%s: %s; its run is marked KILLED%s", model_id, reason, _resumable(job_dir))
     return {"model_id": model_id, "action": "rolled_back" if intent else "killed"}
@@ -231,10 +232,9 @@ def _client(job: dict[str, Any]) -> Any:
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def _end_run(job: dict[str, Any], status: str, reason: str | None) -> None:
+def _end_run(client: Any, job: dict[str, Any], status: str, reason: str | None) -> None:
     if not job.get("run_id"):
         return
-    client = _client(job)
     run = client.get_run(job["run_id"])
     if run.info.status == "RUNNING":
         if reason:
@@ -242,8 +242,7 @@ def _end_run(job: dict[str, Any], status: str, reason: str | None) -> None:
         client.set_terminated(job["run_id"], status)
 
 
-def _delete_versions(job: dict[str, Any], name: str) -> None:
-    client = _client(job)
+def _delete_versions(client: Any, job: dict[str, Any], name: str) -> None:
     escaped = name.replace("\\", "\\\\").replace("'", "\\'")
     for version in client.search_model_versions(f"name='{escaped}' and run_id='{job['run_id']}'"):
         client.delete_model_version(name, version.version)

@@ -106,7 +106,7 @@ from simtune.aio_http import (
 )
 from simtune.aio_http import Reject as _Reject
 from simtune.config import resolve_workspace
-from simtune.decisions.schema import CHAT_ROLES
+from simtune.decisions.schema import role_problem
 from simtune.errors import ConfigError, ModelError, SimtuneError
 
 if TYPE_CHECKING:
@@ -1085,13 +1085,8 @@ def _plain_messages(messages: Any) -> list[dict[str, Any]]:
             raise RequestError(
                 400, f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
             )
-        if m["role"] not in CHAT_ROLES:
-            raise RequestError(
-                400,
-                f"messages[{i}].role: unknown role {m['role'][:50]!r} "
-                f"(expected one of {', '.join(CHAT_ROLES)})",
-                param=f"messages[{i}].role",
-            )
+        if why := role_problem(m["role"]):
+            raise RequestError(400, f"messages[{i}].role: {why}", param=f"messages[{i}].role")
         content = m.get("content")
         if isinstance(content, list):
             parts = [p.get("text") for p in content if isinstance(p, dict)]

@@ -119,7 +119,7 @@ from simtune.aio_http import (
 from simtune.aio_http import Reject as _Reject
 from simtune.config import resolve_workspace
 from simtune.decisions.rules import CallRules
-from simtune.decisions.schema import CHAT_ROLES, finite_number
+from simtune.decisions.schema import finite_number, role_problem
 from simtune.decisions.writer import (
     CREDIT_RULES,
     DecisionLog,
@@ -128,6 +128,7 @@ from simtune.decisions.writer import (
     datasets_dir,
     encode_line,
     new_decision_id,
+    reward_events,
     spread_return,
     utc_now,
 )
@@ -262,13 +263,8 @@ def _check_messages(value: Any) -> list[dict[str, Any]]:
                 f"messages[{i}] must be an object with a string 'role'",
                 param=f"messages[{i}]",
             )
-        if m["role"] not in CHAT_ROLES:
-            raise _Reject(
-                400,
-                f"messages[{i}].role: unknown role {m['role'][:50]!r} "
-                f"(expected one of {', '.join(CHAT_ROLES)})",
-                param=f"messages[{i}].role",
-            )
+        if why := role_problem(m["role"]):
+            raise _Reject(400, f"messages[{i}].role: {why}", param=f"messages[{i}].role")
         content = m.get("content")
         if content is None:  # e.g. an assistant turn that only called tools
             m = {**m, "content": ""}
@@ -929,20 +925,13 @@ class RecordingProxy:
             for group in groups.values():
                 ids += group
                 shares += spread_return(value, len(group), rule, float(gamma))
-            now = utc_now()
-            events = []
-            for did, share in zip(ids, shares, strict=True):
-                event = {
-                    "event": "reward",
-                    "decision_id": did,
-                    "value": share,
-                    "episode_return": value,
-                    "rule": rule,
-                    "timestamp": now,
-                }
-                if rule == "discounted":
-                    event["gamma"] = float(gamma)
-                events.append(event)
+            events = reward_events(
+                zip(ids, shares, strict=True),
+                value,
+                rule,
+                utc_now(),
+                gamma=float(gamma) if rule == "discounted" else None,
+            )
             return events, {
                 "decision_ids": ids,
                 "shares": shares,

@@ -60,11 +60,11 @@ from typing import Any
 from simtune import jsontext
 from simtune.decisions.schema import (
     ALIASES,
-    CHAT_ROLES,
     DECISION_FIELDS,
     EVENT_KINDS,
     Decision,
     finite_number,
+    role_problem,
     unfence,
 )
 from simtune.errors import DataError
@@ -1036,11 +1036,8 @@ def _messages(value: list[Any], fld: str, bad: Any) -> list[dict[str, str]]:
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"{fld}[{i}]", "expected an object with 'role' and 'content'")
-        if m["role"] not in CHAT_ROLES:
-            raise bad(
-                f"{fld}[{i}].role",
-                f"unknown role {m['role'][:50]!r} (expected one of {', '.join(CHAT_ROLES)})",
-            )
+        if why := role_problem(m["role"]):
+            raise bad(f"{fld}[{i}].role", why)
         content = m.get("content")
         if isinstance(content, list):  # OpenAI multi-part content: keep the text parts
             parts = [p.get("text", "") for p in content if isinstance(p, dict)]

@@ -71,7 +71,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from simtune.config import resolve_workspace
 from simtune.decisions.rules import CallRules
-from simtune.decisions.schema import CHAT_ROLES, finite_number
+from simtune.decisions.schema import finite_number, role_problem
 from simtune.decisions.writer import (
     DecisionLog,
     Episodes,
@@ -81,6 +81,7 @@ from simtune.decisions.writer import (
     encode_line,
     fork_generation,
     new_decision_id,
+    reward_events,
     spread_return,
     utc_now,
 )
@@ -114,11 +115,8 @@ def _check_messages(messages: Any) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise ValueError(f"record: messages[{i}] must be a dict with a string 'role'")
-        if m["role"] not in CHAT_ROLES:
-            raise ValueError(
-                f"record: messages[{i}].role: unknown role {m['role'][:50]!r} "
-                f"(expected one of {', '.join(CHAT_ROLES)})"
-            )
+        if why := role_problem(m["role"]):
+            raise ValueError(f"record: messages[{i}].role: {why}")
         if not isinstance(m.get("content"), (str, list)):
             raise ValueError(f"record: messages[{i}].content must be a string")
 
@@ -432,21 +430,9 @@ class Recorder:
         shares: dict[str, float] = {}
         for ids in self._episodes.close(lambda k: key is None or k == key).values():
             shares.update(zip(ids, spread_return(value, len(ids), rule, gamma), strict=True))
-        now = utc_now()
         # Encode every line before writing any: a batch is written whole or not at all.
-        lines = [
-            encode_line(
-                {
-                    "event": "reward",
-                    "decision_id": did,
-                    "value": share,
-                    "episode_return": value,
-                    "rule": rule,
-                    "timestamp": now,
-                }
-            )
-            for did, share in shares.items()
-        ]
+        events = reward_events(shares.items(), value, rule, utc_now())
+        lines = [encode_line(event) for event in events]
         for line in lines:
             self.log.append_line(line)
         return shares

@@ -169,6 +169,31 @@ def spread_return(value: float, n: int, rule: str = "uniform", gamma: float = 0.
     return [float(gamma) ** (n - 1 - i) * value for i in range(n)]
 
 
+def reward_events(
+    shares: Iterable[tuple[str, float]],
+    episode_return: float,
+    rule: str,
+    timestamp: str,
+    gamma: float | None = None,
+) -> list[dict[str, Any]]:
+    """The reward event lines of one closed episode: one per (decision id, share), each
+    with the episode's return and credit rule (and `gamma`, when given)."""
+    events = []
+    for did, share in shares:
+        event: dict[str, Any] = {
+            "event": "reward",
+            "decision_id": did,
+            "value": share,
+            "episode_return": episode_return,
+            "rule": rule,
+            "timestamp": timestamp,
+        }
+        if gamma is not None:
+            event["gamma"] = gamma
+        events.append(event)
+    return events
+
+
 class Episodes:
     """Which decisions belong to the open episode of each key (e.g. (run_id, agent_id)).
 
