@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SIMTUNE = [sys.executable, "-m", "simtune.cli"]
+SIMTUNE = [sys.executable, "-m", "simtune.cli.main"]
 
 
 def generate(path: Path, n: int, *, event_every: int = 50, agents: int = 1000) -> int:

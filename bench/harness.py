@@ -101,7 +101,9 @@ def make_store(path: Path, threads: int) -> None:
 
 def warm_caches(threads: int) -> None:
     """Import everything once so the first measured run doesn't pay for a cold page cache."""
-    code = "import torch, transformers, trl, peft, accelerate, datasets, mlflow, simtune.api"
+    code = (
+        "import torch, transformers, trl, peft, accelerate, datasets, mlflow, simtune.training.run"
+    )
     subprocess.run([sys.executable, "-c", code], env=worker_env(threads), check=True)
 
 

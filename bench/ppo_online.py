@@ -93,7 +93,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import ppo_rewards
 
     from simtune import run_tuning
-    from simtune.testing import make_tiny_model
+    from simtune.training.tiny import make_tiny_model
 
     reward = getattr(ppo_rewards, args.reward)
     root = Path(tempfile.mkdtemp(prefix="simtune-ppo-online-"))

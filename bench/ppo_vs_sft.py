@@ -450,7 +450,7 @@ def parent_main(a: argparse.Namespace) -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="simtune-bench-ppo-") as tmp_s:
         tmp = Path(tmp_s)
-        from simtune.testing import make_tiny_model
+        from simtune.training.tiny import make_tiny_model
 
         model = make_tiny_model(tmp / "tiny-model")
         data = tmp / "decisions_bench.jsonl"

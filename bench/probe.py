@@ -2,9 +2,9 @@
 the bounded table in ``tests/test_probe.py``.
 
 On loopback, in this process: a `StubLLM` upstream, a `RecordingProxy` in front of it,
-and `serve` (`simtune.serving.Server`) on the tiny model. Fired at them:
+and `serve` (`simtune.serving.server.Server`) on the tiny model. Fired at them:
 
-- *cases*: `simtune.probe`'s tables, plus every (field x bad value) pair of a chat
+- *cases*: `simtune.testing.probe`'s tables, plus every (field x bad value) pair of a chat
   request (NaN, +-Infinity, 1e999, lone surrogates, a raw ``\\xff`` byte, UTF-8-encoded
   surrogates, nesting 97..5000 deep, wrong JSON types), every attribution header x bad
   bytes, and score batches of 2..20 items with one bad item at each position. A case is
@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simtune import probe
-from simtune.decisions.proxy import RecordingProxy
-from simtune.stub_llm import StubLLM
+from simtune.collect.proxy import RecordingProxy
+from simtune.testing import probe
+from simtune.testing.stub_llm import StubLLM
 
 CHAT = "/v1/chat/completions"
 
@@ -232,8 +232,9 @@ def main() -> int:
     errors = _Errors()
     logging.getLogger().addHandler(errors)
 
-    from simtune.serving import Engine, Server
-    from simtune.testing import make_tiny_model
+    from simtune.serving.engine import Engine
+    from simtune.serving.server import Server
+    from simtune.training.tiny import make_tiny_model
 
     rows: list[tuple[str, int, int]] = []
     failures: list[str] = []

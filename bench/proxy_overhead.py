@@ -21,7 +21,7 @@ reports (load average).
 
 The upstream is ``--upstream-kind lean`` (default): a minimal asyncio HTTP/1.1 server
 answering canned OpenAI JSON / SSE, so that little CPU goes to the upstream and the
-proxy's cost is not hidden behind the stub's; ``stub`` uses `simtune.stub_llm.StubLLM`
+proxy's cost is not hidden behind the stub's; ``stub`` uses `simtune.testing.stub_llm.StubLLM`
 (aiohttp; called directly it serves about half the lean stub's requests/s). At the end
 the proxy is stopped with SIGTERM and the script checks that it recorded exactly one
 decision per proxied request.
@@ -143,7 +143,7 @@ class LeanUpstream(asyncio.Protocol):
 def worker_upstream(kind: str) -> None:
     """Serve until stdin closes; the first stdout line is the port."""
     if kind == "stub":
-        from simtune.stub_llm import StubLLM
+        from simtune.testing.stub_llm import StubLLM
 
         stub = StubLLM(reply=lambda body: ANSWER, record_requests=False).start()
         print(json.dumps({"port": stub.port}), flush=True)

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from simtune.decisions.recorder import Recorder
+from simtune.collect.recorder import Recorder
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -69,7 +69,7 @@ def make_models(root: Path) -> tuple[Path, list[Path]]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from simtune.testing import make_tiny_model
+    from simtune.training.tiny import make_tiny_model
 
     base = make_tiny_model(root / "tiny")
     adapters = []

@@ -329,12 +329,12 @@ def check_defaults() -> None:
 def prepare(a: argparse.Namespace, tmp: Path) -> tuple[Path, Path, int]:
     """(model dir, decision file, records) for `--model`."""
     if a.model == "tiny":
-        from simtune.testing import make_tiny_model
+        from simtune.training.tiny import make_tiny_model
 
         model = make_tiny_model(tmp / "tiny-model")
         data = tmp / "decisions_bench.jsonl"
         return model, data, make_data(SAMPLE, data, a.copies)
-    from simtune.demo import find_real_model
+    from simtune.base_models import find_real_model
     from simtune.sims import run_simulation
     from simtune.training.model import materialize_gguf
 

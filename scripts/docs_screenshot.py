@@ -88,7 +88,7 @@ def main() -> int:
     from selenium.webdriver.chrome.service import Service
 
     from simtune import run_tuning
-    from simtune.testing import make_tiny_model
+    from simtune.training.tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         ws = Path(tmp) / "ws"

@@ -28,7 +28,7 @@ SAMPLE = REPO / "src" / "simtune" / "data" / "sample_decisions.jsonl"
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from simtune.testing import make_tiny_model
+    from simtune.training.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 

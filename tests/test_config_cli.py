@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import SAMPLE, run_cli
 
-from simtune import cli
+from simtune.cli import main as cli
 from simtune.config import TuningConfig, build_config, coerce, field_docs
 from simtune.errors import ConfigError
 
@@ -287,7 +287,7 @@ def test_every_field_is_a_flag_in_both_spellings() -> None:
 def test_cmd_train_merges_config_file_and_flags(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import simtune.api
+    import simtune.training.run
 
     yml = write(
         tmp_path / "job.yaml",
@@ -300,7 +300,7 @@ def test_cmd_train_merges_config_file_and_flags(
         seen["cfg"] = build_config(config, options)
         return SimpleNamespace(to_dict=lambda: {"model_id": "fake"})
 
-    monkeypatch.setattr(simtune.api, "run_tuning", fake_run_tuning)
+    monkeypatch.setattr(simtune.training.run, "run_tuning", fake_run_tuning)
     args = cli.build_parser().parse_args(
         ["train", "--config", str(yml), "--learning-rate", "0.5", "--seed", "3", "--json"]
     )
@@ -447,12 +447,12 @@ def test_argparse_usage_errors_are_one_line() -> None:
 def test_importing_the_cli_stays_light() -> None:
     code = (
         "import json, sys\n"
-        "import simtune.cli\n"
-        "p = simtune.cli.build_parser()\n"
+        "import simtune.cli.main\n"
+        "p = simtune.cli.main.build_parser()\n"
         "p._subparsers._group_actions[0].choices['train'].format_help()\n"
         "heavy = ('torch', 'transformers', 'mlflow', 'trl', 'peft', 'datasets', 'accelerate')\n"
         "print(json.dumps({'loaded': sorted(m for m in heavy if m in sys.modules),\n"
-        "                  'cli': 'simtune.cli' in sys.modules}))\n"
+        "                  'cli': 'simtune.cli.main' in sys.modules}))\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True

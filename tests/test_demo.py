@@ -138,8 +138,8 @@ def test_loop_rejects_an_unknown_simulation_before_doing_anything(tmp_path):
 
 
 def test_loop_takes_a_users_simulation_class_and_config_sections(tmp_path):
-    from simtune.demo import _loop_options, resolve_sim
     from simtune.errors import ConfigError
+    from simtune.loop import _loop_options, resolve_sim
     from simtune.sims import SIMULATIONS
 
     sim_file = tmp_path / "my_sim.py"

@@ -201,7 +201,7 @@ def test_launch_options_are_checked(flags, message, tiny_model, tmp_path):
 
 def test_launch_command_passes_node_options_through(tmp_path):
     from simtune.config import build_config
-    from simtune.launch import launch_command
+    from simtune.training.launch import launch_command
 
     cfg = build_config(
         None,

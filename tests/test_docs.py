@@ -227,7 +227,7 @@ def _commands(code: str) -> list[str]:
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_documented_flags_exist(page: Path):
-    from simtune.cli import build_parser
+    from simtune.cli.main import build_parser
 
     parser = build_parser()
     problems = []

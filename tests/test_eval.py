@@ -332,7 +332,7 @@ def test_eval_runs_are_logged_in_the_training_experiments_and_nested(trained, re
 
 @pytest.mark.slow
 def test_cli_table_and_json(trained, capsys):
-    from simtune.cli import main
+    from simtune.cli.main import main
 
     t = trained
     args = ["eval", "--model", t["const"].model_id, "--model", "base"]
@@ -419,7 +419,7 @@ def test_a_failing_evaluation_ends_its_run_failed(trained, tmp_path):
     import mlflow
 
     from simtune.evaluation import evaluate
-    from simtune.training.rewards import RewardError
+    from simtune.rewards import RewardError
 
     t = trained
     boom = tmp_path / "boom.py"
@@ -444,7 +444,7 @@ def test_a_failing_evaluation_ends_its_run_failed(trained, tmp_path):
 @pytest.mark.slow
 def test_judge_scores_are_mapped_like_ppo_rewards(trained):
     from simtune.evaluation import evaluate
-    from simtune.stub_llm import StubLLM
+    from simtune.testing.stub_llm import StubLLM
 
     t = trained
     with StubLLM(reply=lambda body: "Fine answer.\nScore: 4", model="judge") as judge:

@@ -23,7 +23,7 @@ from conftest import free_port, run_cli
 
 from simtune.decisions import RateReport, rate_decisions, read_dataset
 from simtune.errors import SimtuneError
-from simtune.stub_llm import StubLLM
+from simtune.testing.stub_llm import StubLLM
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:

@@ -58,7 +58,7 @@ def stats_rss(path: Path) -> tuple[dict, float]:
     """(`simtune data stats --json` of `path`, that process's peak RSS in MiB)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "simtune.cli", "data", "stats", str(path), "--json"],
+            [sys.executable, "-m", "simtune.cli.main", "data", "stats", str(path), "--json"],
             stdout=out,
             stderr=err,
         )

@@ -140,7 +140,7 @@ def test_onesim_run_tuning_call_positional_with_mlruns(
 
 
 def test_registry_keeps_and_lists_entries_onesim_wrote(tmp_path: Path) -> None:
-    from simtune.registry import Registry
+    from simtune.tracking.registry import Registry
 
     models = tmp_path / "models"
     models.mkdir()
@@ -266,9 +266,9 @@ ONESIM_CALLS = [
 def test_proxy_rules_label_and_skip_onesim_non_decision_calls(workspace: Path) -> None:
     import openai
 
-    from simtune.decisions.proxy import RecordingProxy
-    from simtune.decisions.rules import CallRules
-    from simtune.stub_llm import StubLLM
+    from simtune.collect.proxy import RecordingProxy
+    from simtune.collect.rules import CallRules
+    from simtune.testing.stub_llm import StubLLM
 
     rules = CallRules.parse(
         skip=["system=summarise the agent's memory"],
@@ -300,9 +300,9 @@ def test_proxy_rules_label_and_skip_onesim_non_decision_calls(workspace: Path) -
 def test_recorder_rules_skip_calls_of_a_wrapped_client(workspace: Path) -> None:
     import openai
 
-    from simtune.decisions.recorder import Recorder
-    from simtune.decisions.rules import CallRules
-    from simtune.stub_llm import StubLLM
+    from simtune.collect.recorder import Recorder
+    from simtune.collect.rules import CallRules
+    from simtune.testing.stub_llm import StubLLM
 
     rec = Recorder(
         "job_market", workspace=workspace, rules=CallRules.parse(require_output="```json")

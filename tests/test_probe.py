@@ -17,9 +17,9 @@ import openai
 import pytest
 from conftest import run_cli
 
-from simtune import probe
-from simtune.decisions.proxy import RecordingProxy
-from simtune.stub_llm import StubLLM
+from simtune.collect.proxy import RecordingProxy
+from simtune.testing import probe
+from simtune.testing.stub_llm import StubLLM
 
 MODEL = "m"
 
@@ -39,7 +39,7 @@ def proxy(stub: StubLLM, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: Path):
-    from simtune.serving import Engine
+    from simtune.serving.engine import Engine
 
     eng = Engine.load([str(tiny_model)], max_new_tokens=4, device="cpu", precision="fp32")
     yield eng
@@ -48,7 +48,7 @@ def engine(tiny_model: Path):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    from simtune.serving import Server
+    from simtune.serving.server import Server
 
     with Server(engine) as srv:
         yield srv

@@ -21,11 +21,11 @@ import openai
 import pytest
 from conftest import free_port, wait_http
 
-from simtune.decisions.proxy import RecordingProxy, parse_prefix, upstream_base
+from simtune.collect.proxy import RecordingProxy, parse_prefix, upstream_base
 from simtune.decisions.reader import read_dataset
 from simtune.decisions.writer import spread_return
 from simtune.errors import ConfigError
-from simtune.stub_llm import StubLLM
+from simtune.testing.stub_llm import StubLLM
 
 MSG = [{"role": "system", "content": "You trade."}, {"role": "user", "content": "buy or sell?"}]
 
@@ -586,7 +586,7 @@ def test_api_key_guards_the_proxy_and_stays_off_the_upstream(llm: StubLLM, works
 
 def test_non_loopback_host_warns(llm: StubLLM, workspace: Path, caplog: pytest.LogCaptureFixture):
     with (
-        caplog.at_level("INFO", logger="simtune.decisions.proxy"),
+        caplog.at_level("INFO", logger="simtune.collect.proxy"),
         RecordingProxy(llm.url, "e", host="0.0.0.0", port=0, workspace=workspace) as px,
     ):
         code, _, _ = http_call(f"http://127.0.0.1:{px.port}/health")
@@ -613,8 +613,9 @@ def test_options_are_checked():
     assert parse_prefix("/agents/v1/v1/models") == ({"agent_id": "v1"}, "models")
     assert parse_prefix("/agents/a/agents/b/v1/models") is None
     # The CLI keeps copies of these constants so `simtune --help` stays fast.
-    from simtune.commands import collect
-    from simtune.decisions import proxy, writer
+    from simtune.cli import collect
+    from simtune.collect import proxy
+    from simtune.decisions import writer
 
     assert collect.DEFAULT_PORT == proxy.DEFAULT_PORT
     assert collect.FSYNC_POLICIES == writer.FSYNC_POLICIES

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def gguf() -> Path:
-    from simtune.demo import find_real_model
+    from simtune.base_models import find_real_model
     from simtune.errors import ModelError
 
     try:

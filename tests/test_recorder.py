@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
+from simtune.collect.recorder import Recorder
 from simtune.decisions.reader import read_dataset
-from simtune.decisions.recorder import Recorder
 from simtune.errors import ConfigError
-from simtune.stub_llm import StubLLM
+from simtune.testing.stub_llm import StubLLM
 
 openai = pytest.importorskip("openai")
 
@@ -238,7 +238,7 @@ def test_agent_context_applies_to_record(workspace: Path) -> None:
 CHILD = textwrap.dedent(
     """
     import os, sys, time
-    from simtune.decisions.recorder import Recorder
+    from simtune.collect.recorder import Recorder
 
     rec = Recorder("market", run_id=sys.argv[2], workspace=sys.argv[1])
     n = int(sys.argv[3])
@@ -561,7 +561,7 @@ class DictClient:
 def test_wrap_duck_typed_client_tool_calls_and_broken_stream(workspace: Path, caplog: Any) -> None:
     rec = Recorder("market", workspace=workspace)
     client = rec.wrap(DictClient())
-    with caplog.at_level(logging.WARNING, logger="simtune.decisions.recorder"):
+    with caplog.at_level(logging.WARNING, logger="simtune.collect.recorder"):
         empty = client.chat.completions.create(messages=[{"role": "user", "content": "empty"}])
     assert empty["choices"][0]["message"]["content"] == ""  # the caller still gets it
     assert "not recorded" in caplog.text and rec.path is None

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from simtune.errors import ConfigError, SimtuneError
-from simtune.registry import Registry, check_name
+from simtune.tracking.registry import Registry
+from simtune.util import check_name
 
 WRITER = """
 import sys
 from pathlib import Path
-from simtune.registry import Registry
+from simtune.tracking.registry import Registry
 Registry(Path(sys.argv[1])).add({"model_id": sys.argv[2], "path": str(Path(sys.argv[1]) / "models" / sys.argv[2])})
 """
 

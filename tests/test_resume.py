@@ -86,7 +86,7 @@ def _loss_steps(ws: Path, run_id: str) -> list[int]:
 
 
 def _registry(ws: Path) -> list[dict]:
-    from simtune.registry import Registry
+    from simtune.tracking.registry import Registry
 
     return Registry(ws).list()
 
@@ -99,7 +99,7 @@ def _assert_unpublished(ws: Path) -> None:
 
 
 def test_sigterm_resume_sigkill_resume_reaches_same_final_step(tiny_model, workspace):
-    from simtune.api import latest_checkpoint
+    from simtune.training.job import latest_checkpoint
 
     # 1. SIGTERM: a checkpoint at the step it stopped at, run KILLED, exit 130.
     proc = _start_and_wait_for_checkpoint(tiny_model, workspace)

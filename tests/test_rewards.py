@@ -19,7 +19,7 @@ from conftest import free_port
 
 from simtune.decisions.schema import Decision
 from simtune.errors import ConfigError, DataError, SimtuneError
-from simtune.training.rewards import (
+from simtune.rewards import (
     FunctionReward,
     JudgeReward,
     RewardSource,
@@ -349,7 +349,7 @@ def tokenizer(tiny_model):
 
 @pytest.fixture(scope="module")
 def reward_adapter(tiny_model, tokenizer, tmp_path_factory):
-    """Train on the tiny model, save as api.py does; returns (dir, metrics, in-memory model)."""
+    """Train on the tiny model, save as training/run.py does; returns (dir, metrics, in-memory model)."""
     from simtune.training.model import resolve_model
     from simtune.training.reward_model import train_reward_model
 
@@ -422,7 +422,7 @@ def test_check_reward_model_rejects_what_is_not_one(tiny_model, tmp_path):
 def test_trained_reward_model_ranks_good_above_bad(reward_adapter, tiny_model):
     import torch
 
-    from simtune.training.rewards import RewardModelScorer
+    from simtune.rewards import RewardModelScorer
 
     adapter, metrics, model = reward_adapter
     assert metrics["global_step"] == 15 and metrics["num_examples"] == 8
@@ -440,7 +440,7 @@ def test_trained_reward_model_ranks_good_above_bad(reward_adapter, tiny_model):
     assert scorer.stats()["samples"] == 8.0
 
     # The trained score head came back from disk (not a fresh random one).
-    from simtune.training.rewards import reward_input_ids
+    from simtune.rewards import reward_input_ids
 
     ids, _ = reward_input_ids(scorer.tokenizer, prompts[0], GOOD, 1024)
     with torch.no_grad():
@@ -452,8 +452,8 @@ def test_trained_reward_model_ranks_good_above_bad(reward_adapter, tiny_model):
 def test_pyfunc_reward_branch_predicts_floats(reward_adapter, tiny_model):
     import pandas as pd
 
-    from simtune.pyfunc import AdapterModel
-    from simtune.training.rewards import RewardModelScorer
+    from simtune.rewards import RewardModelScorer
+    from simtune.tracking.pyfunc import AdapterModel
 
     adapter, _, _ = reward_adapter
     context = SimpleNamespace(
@@ -485,7 +485,7 @@ def test_pyfunc_reward_branch_predicts_floats(reward_adapter, tiny_model):
 def test_full_sequence_classification_checkpoint_scores_the_same(reward_adapter, tmp_path):
     import copy
 
-    from simtune.training.rewards import RewardModelScorer
+    from simtune.rewards import RewardModelScorer
 
     adapter, _, model = reward_adapter
     full = tmp_path / "merged"

@@ -19,7 +19,7 @@ TRAVERSAL = ["../evil", "..", "a/../../b", "/etc", "a/b", "a\\b", "a\x00b", "", 
 def test_env_names_and_model_ids_are_checked_in_the_library(name: str, tmp_path: Path) -> None:
     from simtune import Recorder
     from simtune.decisions.writer import datasets_dir
-    from simtune.registry import Registry
+    from simtune.tracking.registry import Registry
 
     with pytest.raises(ConfigError):
         Recorder(name, workspace=tmp_path)
@@ -55,15 +55,15 @@ def test_cli_refuses_traversal_in_one_line(argv: tuple[str, ...], tmp_path: Path
 
 
 def _parser_default(argv: list[str], dest: str) -> object:
-    from simtune.cli import build_parser
+    from simtune.cli.main import build_parser
 
     return getattr(build_parser().parse_args(argv), dest)
 
 
 def test_servers_bind_loopback_by_default() -> None:
-    from simtune.decisions.proxy import RecordingProxy
-    from simtune.serving import Server
-    from simtune.stub_llm import StubLLM
+    from simtune.collect.proxy import RecordingProxy
+    from simtune.serving.server import Server
+    from simtune.testing.stub_llm import StubLLM
 
     assert _parser_default(["ui"], "host") == "127.0.0.1"
     assert (

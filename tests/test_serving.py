@@ -58,7 +58,7 @@ def trained(tmp_path_factory, tiny_model):
 
 @pytest.fixture(scope="module")
 def engine(trained):
-    from simtune.serving import Engine
+    from simtune.serving.engine import Engine
 
     ws, a, b = trained
     # CPU even where a GPU is present, and fp32 (auto would pick bf16 on a CPU with
@@ -73,7 +73,7 @@ def engine(trained):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    from simtune.serving import Server
+    from simtune.serving.server import Server
 
     with Server(engine) as srv:
         yield srv
@@ -308,9 +308,9 @@ def test_the_server_survives_bad_requests_and_disconnects(client, server, engine
 
 
 def test_an_abandoned_request_leaves_the_batch(engine):
-    from simtune.serving import Generation, _Sink
+    from simtune.serving.engine import Generation, Sink
 
-    class Quitter(_Sink):
+    class Quitter(Sink):
         def __init__(self) -> None:
             self.got: list = []
             self.req = None
@@ -338,7 +338,7 @@ def test_an_abandoned_request_leaves_the_batch(engine):
 
 
 def test_api_key_is_required_when_set(engine):
-    from simtune.serving import Server
+    from simtune.serving.server import Server
 
     with Server(engine, api_key="sekrit") as srv:
         bad = openai.OpenAI(base_url=srv.url, api_key="wrong", max_retries=0)
@@ -358,7 +358,7 @@ def test_resolve_served_from_the_mlflow_registry(trained, tiny_model, tmp_path):
     from mlflow import MlflowClient
 
     from simtune.errors import ModelError
-    from simtune.serving import resolve_all, resolve_served
+    from simtune.serving.models import resolve_all, resolve_served
 
     ws, a, b = trained
     name, version = b.registered_model_name, b.registered_model_version
@@ -470,7 +470,8 @@ def _vllm_installed() -> bool:
 
 
 def test_vllm_command_is_an_argument_list(trained):
-    from simtune.serving import resolve_all, vllm_command
+    from simtune.serving.models import resolve_all
+    from simtune.serving.vllm import vllm_command
 
     ws, a, b = trained
     served = resolve_all([a.model_id, b.model_id], workspace=ws)
@@ -489,7 +490,7 @@ def test_vllm_command_is_an_argument_list(trained):
 
 def test_vllm_gets_the_key_in_its_environment_and_an_accepted_lora_rank():
     from simtune.errors import ConfigError
-    from simtune.serving import vllm_env, vllm_lora_rank
+    from simtune.serving.vllm import vllm_env, vllm_lora_rank
 
     env = vllm_env("s3cret", "cuda:1", {"PATH": "/bin", "VLLM_API_KEY": "old"})
     assert env == {"PATH": "/bin", "VLLM_API_KEY": "s3cret", "CUDA_VISIBLE_DEVICES": "1"}
@@ -501,13 +502,14 @@ def test_vllm_gets_the_key_in_its_environment_and_an_accepted_lora_rank():
 
 
 def test_command_module_copies_match_and_stay_light():
-    from simtune import serving
-    from simtune.commands import serve as cmd
+    from simtune.cli import serve as cmd
+    from simtune.serving import server as serving
+    from simtune.serving import vllm
 
     assert cmd.DEFAULT_PORT == serving.DEFAULT_PORT
-    assert cmd.BACKENDS == serving.BACKENDS
+    assert cmd.BACKENDS == vllm.BACKENDS
     code = (
-        "import sys; import simtune.commands.serve, simtune.serving; "
+        "import sys; import simtune.cli.serve, simtune.serving.server; "
         "heavy = {'torch', 'transformers', 'peft', 'aiohttp', 'mlflow'} & set(sys.modules); "
         "print(sorted(heavy))"
     )

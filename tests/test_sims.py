@@ -13,7 +13,7 @@ from conftest import free_port, run_cli
 from simtune.decisions import read_dataset
 from simtune.sims import LLMPolicy, list_simulations, run_simulation
 from simtune.sims.core import INVALID_REWARD, load_answer
-from simtune.stub_llm import StubLLM
+from simtune.testing.stub_llm import StubLLM
 
 
 def raw_lines(directory: Path) -> list[dict]:

@@ -20,18 +20,23 @@ __version__ = "0.1.0"
 __all__ = ["Recorder", "TuningConfig", "TuningResult", "run_tuning", "__version__"]
 
 if TYPE_CHECKING:
-    from simtune.api import TuningResult, run_tuning
+    from simtune.collect.recorder import Recorder
     from simtune.config import TuningConfig
-    from simtune.decisions.recorder import Recorder
+    from simtune.training.job import TuningResult
+    from simtune.training.run import run_tuning
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("run_tuning", "TuningResult"):
-        from simtune import api
+    if name == "run_tuning":
+        from simtune.training.run import run_tuning
 
-        return getattr(api, name)
+        return run_tuning
+    if name == "TuningResult":
+        from simtune.training.job import TuningResult
+
+        return TuningResult
     if name == "Recorder":
-        from simtune.decisions.recorder import Recorder
+        from simtune.collect.recorder import Recorder
 
         return Recorder
     if name == "TuningConfig":

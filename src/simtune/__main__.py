@@ -1,3 +1,3 @@
-from simtune.cli import main
+from simtune.cli.main import main
 
 raise SystemExit(main())

@@ -377,7 +377,7 @@ class TuningConfig:
                     "be combined with --nproc/--devices (several)/--nnodes/--accelerate_config/--deepspeed"
                 )
         if not self.dataset_path and self.env:
-            from simtune.registry import check_name
+            from simtune.util import check_name
 
             folder = self.workspace_path() / "envs" / check_name(self.env, "--env") / "datasets"
             self.dataset_path = [str(folder)]

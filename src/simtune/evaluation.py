@@ -1,7 +1,7 @@
 """Score models side by side on held-out decisions or in a simulation (DESIGN.md §7).
 
 `evaluate(["sft-...", "ppo-...", "base"], dataset_path=[HELDOUT], reward_fn=...)` loads
-every model once (adapters share one base, `simtune.serving.Engine`), generates an answer
+every model once (adapters share one base, `simtune.serving.server.Engine`), generates an answer
 for each held-out decision and compares it with the logged answer;
 `evaluate([...], sim="job_market", episodes=5, seed=1000)` serves them on loopback and
 plays the simulation with each one on the same seeds instead.
@@ -240,8 +240,9 @@ def evaluate(
         decisions, inputs = _read_heldout(paths, max_samples)
         source = _reward_source(reward_fn, judge_url, judge_model)
 
-    from simtune.serving import Engine, ServedModel, resolve_served
-    from simtune.tracking import check_reachable, resolve_tracking_uri
+    from simtune.serving.engine import Engine
+    from simtune.serving.models import ServedModel, resolve_served
+    from simtune.tracking.tracker import check_reachable, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri, ws)
     # Resolving reads files and (for MLflow names) the registry: an unknown model fails
@@ -323,7 +324,7 @@ def evaluate(
     server = None
     try:
         if sim:
-            from simtune.serving import Server
+            from simtune.serving.server import Server
 
             server = Server(engine, host="127.0.0.1", port=0).start()
         for name in report.models:
@@ -432,7 +433,7 @@ def _reward_source(reward_fn: str | None, judge_url: str | None, judge_model: st
         raise ConfigError("give one reward source: --reward_fn or --judge_url, not both")
     if not (reward_fn or judge_url):
         return None
-    from simtune.training.rewards import make_reward_source
+    from simtune.rewards import make_reward_source
 
     # The same construction (and fail-fast checks, judge key from the environment) as
     # PPO's online reward, so a score means the same thing in training and evaluation.
@@ -468,7 +469,7 @@ def _trained_system_prompt(info: Any) -> str | None:
 def _generate_rows(
     job: _Job, engine: Any, name: str, system_prompt: str | None
 ) -> list[dict[str, Any]]:
-    from simtune.training.rewards import prompt_text
+    from simtune.rewards import prompt_text
 
     decisions, progress = job.decisions, job.progress
     prompts = [d.chat_prompt(system_prompt) for d in decisions]
@@ -652,7 +653,7 @@ class _RunLogger:
             return None
 
     def start(self, name: str, training_run: str | None, tags: dict[str, str]) -> tuple[Any, dict]:
-        from simtune.tracking import Tracker
+        from simtune.tracking.tracker import Tracker
 
         experiment = self._plan.get(name)
         tags = {**tags, "simtune.kind": "evaluation", "simtune.eval_group": self.group}

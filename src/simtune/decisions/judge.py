@@ -3,7 +3,7 @@
 For each decision that has no rating yet, through any OpenAI-compatible endpoint:
 
 1. **verify**: the judge rates the answer 1-5 with a short reason (the prompt and the
-   ``Score: N`` parser of `simtune.training.rewards`, shared with PPO's judge reward);
+   ``Score: N`` parser of `simtune.rewards`, shared with PPO's judge reward);
 2. **analyze**: when the score is below `threshold` (default 4), the judge explains
    what is wrong with the answer -> ``reason``;
 3. **refine**: the judge then writes an improved answer in the format the prompt asks
@@ -50,8 +50,8 @@ from simtune.decisions.reader import fold_events, read_dataset, read_events
 from simtune.decisions.schema import Decision, unfence
 from simtune.decisions.writer import DecisionLog, utc_now
 from simtune.errors import ConfigError
-from simtune.llm_client import LLMError
-from simtune.training.rewards import JUDGE_KEY_ENV, JudgeReward, check_judge, parse_judge_score
+from simtune.openai.client import LLMError
+from simtune.rewards import JUDGE_KEY_ENV, JudgeReward, check_judge, parse_judge_score
 
 log = logging.getLogger(__name__)
 

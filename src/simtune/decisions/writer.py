@@ -31,7 +31,7 @@ from typing import Any
 
 from simtune import jsontext
 from simtune.errors import ConfigError
-from simtune.registry import check_name
+from simtune.util import check_name
 
 FSYNC_POLICIES = ("none", "always", "close")
 CREDIT_RULES = ("uniform", "last", "discounted")

@@ -154,7 +154,7 @@ class LLMPolicy(Policy):
         max_retries: int = 3,
         concurrency: int = 4,
     ) -> None:
-        from simtune.llm_client import base_url
+        from simtune.openai.client import base_url
 
         self.url = base_url(url, "--model-url")
         self.model = model
@@ -171,7 +171,7 @@ class LLMPolicy(Policy):
     def prepare(self) -> None:
         """Fail fast (one line, before anything is recorded) if the endpoint is down,
         and pick the model the endpoint lists first when none was named."""
-        from simtune.llm_client import ChatClient, check_endpoint, request_json
+        from simtune.openai.client import ChatClient, check_endpoint, request_json
 
         check_endpoint(self.url, "--model-url", api_key=self.api_key, label="model endpoint")
         if self.model is None:
@@ -391,7 +391,7 @@ def run_simulation(
     episode number, so an expert run is reproducible and every policy faces the same
     starting states. `sim_options` go to the simulation's constructor.
     """
-    from simtune.decisions.recorder import Recorder
+    from simtune.collect.recorder import Recorder
     from simtune.sims import get_simulation
 
     sim = get_simulation(name)(**sim_options)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from simtune.errors import ModelError
+from simtune.util import first_line
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +274,7 @@ def _dequantize(path: Path, out: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
     except Exception as exc:  # transformers raises many types; all mean "not usable"
-        raise ModelError(f"--llm_path: cannot read GGUF file {path}: {_first_line(exc)}") from None
+        raise ModelError(f"--llm_path: cannot read GGUF file {path}: {first_line(exc)}") from None
     # The loader marks the model as quantized (config.quantization_config with
     # quant_method "gguf", model.hf_quantizer); the weights are plain fp32 now, and
     # with the marker a reload would look for the GGUF file again.
@@ -302,7 +303,7 @@ def load_tokenizer(spec: ModelSpec, *, trust_remote_code: bool = False) -> Any:
         )
     except Exception as exc:  # transformers raises many types here; all mean "not usable"
         raise ModelError(
-            f"--llm_path: cannot load a tokenizer from {source}: {_first_line(exc)}"
+            f"--llm_path: cannot load a tokenizer from {source}: {first_line(exc)}"
         ) from None
     if tok.pad_token is None:
         # Padding positions are masked out of the loss, so reusing EOS is safe.
@@ -342,7 +343,7 @@ def load_model(
             **({"device_map": device_map} if device_map else {}),
         )
     except Exception as exc:
-        raise ModelError(f"--llm_path: cannot load model {spec.base}: {_first_line(exc)}") from None
+        raise ModelError(f"--llm_path: cannot load model {spec.base}: {first_line(exc)}") from None
     if spec.adapter:
         from peft import PeftModel
 
@@ -457,8 +458,3 @@ def resolve_precision(
     if precision not in ("bf16", "fp16", "fp32"):
         raise ConfigError(f"--precision: unknown value {precision!r}")
     return Precision(precision, kind, "requested")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

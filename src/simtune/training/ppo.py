@@ -226,7 +226,7 @@ def build_samples(
     decisions: list[Decision], tokenizer: Any, cfg: TuningConfig, stop_ids: list[int]
 ) -> list[PPOSample]:
     """Tokenize prompts (and, offline, logged answers with their normalised scores)."""
-    from simtune.training.rewards import normalise_scores
+    from simtune.rewards import normalise_scores
     from simtune.training.sft import chat_ids, split_prompt_answer
 
     offline = cfg.rollout == "offline"
@@ -271,7 +271,7 @@ def build_ppo_inputs(
     decisions: list[Decision], tokenizer: Any, cfg: TuningConfig, spec: Any
 ) -> PPOInputs:
     """Samples, the online reward source (checked fail-fast) and the stop ids."""
-    from simtune.training.rewards import make_reward_source
+    from simtune.rewards import make_reward_source
 
     stop_ids = stop_token_ids(tokenizer, load_generation_config(spec))
     samples = build_samples(decisions, tokenizer, cfg, stop_ids)

@@ -22,7 +22,7 @@ from typing import Any
 from simtune.config import TuningConfig
 from simtune.decisions.schema import Decision
 from simtune.errors import ConfigError, DataError, ModelError
-from simtune.training.rewards import normalise_scores, reward_input_ids
+from simtune.rewards import normalise_scores, reward_input_ids
 
 log = logging.getLogger(__name__)
 

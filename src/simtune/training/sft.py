@@ -220,8 +220,6 @@ def _load_examples(path: Path) -> Examples | None:
 def _save_examples(path: Path, examples: Examples) -> None:
     """JSON (not pickle: a cache file must never run code), written through a temporary
     file and a rename so a concurrent or killed job never leaves half a file."""
-    import json
-    import tempfile
 
     data = {
         "input_ids": examples.input_ids,
@@ -229,15 +227,9 @@ def _save_examples(path: Path, examples: Examples) -> None:
         "truncated_prompts": examples.truncated_prompts,
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, separators=(",", ":"))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        from simtune.util import write_json_atomic
+
+        write_json_atomic(path, data, compact=True, fsync=False)
     except OSError as exc:  # a cache is an optimisation: never fail the job over it
         log.warning("could not write the examples cache %s: %s", path, exc)
 

@@ -209,7 +209,7 @@ def _progress(console: Any) -> Any:
 
 
 def _reporter(progress: Any) -> Any:
-    from simtune.demo import Reporter
+    from simtune.loop import Reporter
 
     class RichReporter(Reporter):
         def __init__(self) -> None:
@@ -352,7 +352,7 @@ def run_loop_command(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from simtune.demo import run_loop
+    from simtune.loop import run_loop
 
     console = Console()
     debug = getattr(args, "debug", False)

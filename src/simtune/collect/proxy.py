@@ -7,7 +7,7 @@ else changes. From the command line::
     simtune collect proxy --upstream http://127.0.0.1:8000/v1 --env market
     # -> give the simulation  http://127.0.0.1:8100/v1  (or a per-agent base URL below)
 
-From Python (a background thread, like `simtune.stub_llm.StubLLM`)::
+From Python (a background thread, like `simtune.testing.stub_llm.StubLLM`)::
 
     with RecordingProxy(upstream="http://127.0.0.1:8000/v1", env_name="market") as proxy:
         client = openai.OpenAI(base_url=proxy.base_url(agent_id="a1"), api_key="x")
@@ -107,18 +107,8 @@ import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from simtune.aio_http import (
-    LoopThread,
-    app_runner,
-    check_api_key,
-    check_headers,
-    error_body,
-    error_response,
-    parse_body,
-)
-from simtune.aio_http import Reject as _Reject
+from simtune.collect.rules import CallRules
 from simtune.config import resolve_workspace
-from simtune.decisions.rules import CallRules
 from simtune.decisions.schema import finite_number, role_problem
 from simtune.decisions.writer import (
     CREDIT_RULES,
@@ -133,8 +123,18 @@ from simtune.decisions.writer import (
     utc_now,
 )
 from simtune.errors import ConfigError
-from simtune.llm_client import base_url as _normalise_url
-from simtune.registry import check_name
+from simtune.openai.client import base_url as _normalise_url
+from simtune.openai.http import (
+    LoopThread,
+    app_runner,
+    check_api_key,
+    check_headers,
+    error_body,
+    error_response,
+    parse_body,
+)
+from simtune.openai.http import Reject as _Reject
+from simtune.util import check_name
 
 if TYPE_CHECKING:
     from aiohttp import ClientResponse, ClientSession, web
@@ -442,7 +442,7 @@ class RecordingProxy:
         shutdown_timeout: float = 10.0,
         rules: CallRules | None = None,
     ) -> None:
-        from simtune.decisions.recorder import new_run_id
+        from simtune.collect.recorder import new_run_id
 
         self.rules = rules
         self.skipped = 0  # calls the rules kept out of the log

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Any
 
-from simtune.commands import add_workspace_flag, positive_int
+from simtune.cli.common import add_workspace_flag, positive_int
 
 KEY_ENV = ("SIMTUNE_API_KEY", "OPENAI_API_KEY")
 

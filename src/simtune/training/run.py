@@ -25,61 +25,26 @@ import contextlib
 import json
 import logging
 import os
-import re
-import secrets
 import shutil
-import signal
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from simtune.config import TuningConfig, build_config
 from simtune.errors import ConfigError, DataError
-from simtune.publication import (
-    INTENT_FILE,
-    JOB_FILE,
+from simtune.training.distributed import Distributed, NoTracker, StopRequest, stop_on_signal
+from simtune.training.job import (
     JOBS_DIR,
-    fault_point,
+    TuningResult,
+    find_resume,
     keep_or_drop_job,
-    latest_checkpoint,
-    owner,
-    read_job,
-    recover_workspace,
-    write_intent,
+    new_model_id,
+    write_job,
 )
+from simtune.training.publication import INTENT_FILE, fault_point, recover_workspace, write_intent
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TuningResult:
-    """What a finished training job produced."""
-
-    model_id: str
-    adapter_path: str
-    run_id: str
-    experiment_id: str
-    tracking_uri: str
-    registered_model_name: str
-    registered_model_version: str
-    model_uri: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    dataset: dict[str, Any] = field(default_factory=dict)
-    synced: bool = True
-    """False when the MLflow server was unreachable at the end of the job: the model is
-    published locally and `simtune sync` sends the registration (version and model_uri
-    are "" until then) and anything else MLflow is owed."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def new_model_id(mode: str, base_name: str) -> str:
-    slug = re.sub(r"[^A-Za-z0-9.-]+", "-", base_name).strip("-.")[:40] or "model"
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return f"{mode}-{slug}-{stamp}-{secrets.token_hex(3)}"
 
 
 def run_tuning(
@@ -130,7 +95,7 @@ def run_tuning(
         # with no process) before this job looks for one to resume.
         recover_workspace(cfg.workspace_path())
     if cfg.distributed():
-        from simtune.launch import is_worker, launch
+        from simtune.training.launch import is_worker, launch
 
         if not is_worker():
             # Everything that can fail on the user's input fails here, in one process
@@ -142,7 +107,7 @@ def run_tuning(
         # A launched worker inherits the launcher's setting and picks its own device.
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.devices
     workspace = cfg.workspace_path()
-    dist = _Distributed.start()
+    dist = Distributed.start()
 
     # --- 1. inputs, cheapest first --------------------------------------------------
     stats, selection, spec, job, checkpoint, final_dir, tracking_uri = _check_inputs(cfg, workspace)
@@ -167,7 +132,7 @@ def run_tuning(
         # Ranks > 0 train their share and leave every write (run, checkpoints, model,
         # registry) to rank 0.
         metrics = _train(
-            cfg, prepared, spec, tokenizer, job_dir, None, _NoTracker(), checkpoint, dist
+            cfg, prepared, spec, tokenizer, job_dir, None, NoTracker(), checkpoint, dist
         )
         return TuningResult(
             model_id=model_id,
@@ -182,7 +147,7 @@ def run_tuning(
             dataset=stats,
         )
 
-    from simtune.tracking import Tracker
+    from simtune.tracking.tracker import Tracker
 
     tracker = Tracker(tracking_uri, cfg.experiment_name, workspace, on_step=progress)
     registered_name = cfg.registered_model_name or f"{cfg.experiment_name}-{cfg.tuning_mode}"
@@ -206,7 +171,7 @@ def run_tuning(
                 # A reopened run has these already; MLflow params cannot change.
                 tracker.log_params(cfg.to_dict())
                 tracker.log_dataset(stats)
-            _write_job(job_dir, cfg, model_id, run_id, tracking_uri, status="running")
+            write_job(job_dir, cfg, model_id, run_id, tracking_uri, status="running")
             adapter_dir = staging / "adapter"
             if checkpoint is not None:
                 log.info("resuming %s from %s", model_id, checkpoint)
@@ -216,7 +181,7 @@ def run_tuning(
             tokenizer.save_pretrained(str(adapter_dir))
 
             # From here on MLflow and the workspace change visibly: first the intent a
-            # later command needs to finish or undo this (simtune.publication).
+            # later command needs to finish or undo this (simtune.training.publication).
             write_intent(
                 job_dir,
                 {
@@ -310,7 +275,7 @@ def run_tuning(
         dataset=stats,
         synced=tracker.synced,
     )
-    from simtune.launch import write_result
+    from simtune.training.launch import write_result
 
     write_result(result)  # a no-op unless this process was launched by `launch`
     return result
@@ -322,7 +287,7 @@ def _check_inputs(cfg: TuningConfig, workspace: Path) -> tuple[Any, ...]:
     (stats, selection, model spec, job to resume, its checkpoint, output dir or None
     for the default one, tracking URI)."""
     from simtune.decisions.reader import describe, read_dataset, select
-    from simtune.tracking import check_reachable, resolve_tracking_uri
+    from simtune.tracking.tracker import check_reachable, resolve_tracking_uri
     from simtune.training.model import resolve_model
 
     dataset = read_dataset(cfg.dataset_path)
@@ -360,73 +325,13 @@ def _check_inputs(cfg: TuningConfig, workspace: Path) -> tuple[Any, ...]:
 
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("--deepspeed: the deepspeed package is not installed")
-    job, checkpoint = _find_resume(cfg, workspace)
+    job, checkpoint = find_resume(cfg, workspace)
     final_dir = Path(cfg.output_dir).resolve() if cfg.output_dir else None
     if final_dir is not None and final_dir.exists():
         raise ConfigError(f"--output_dir: {final_dir} already exists; choose another")
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri, workspace)
     check_reachable(tracking_uri)
     return stats, selection, spec, job, checkpoint, final_dir, tracking_uri
-
-
-class _Distributed:
-    """This process's place in a data-parallel job (world 1 when it is alone)."""
-
-    def __init__(self, world: int, rank: int, device: Any = None) -> None:
-        self.world, self.rank, self.device = world, rank, device
-        self.is_main = rank == 0
-
-    @classmethod
-    def start(cls) -> _Distributed:
-        from simtune.launch import rank, world_size
-
-        if world_size() == 1:
-            return cls(1, 0)
-        # accelerate's PartialState sets up torch.distributed the way the Trainer and
-        # Accelerator will then reuse it: NCCL on GPUs, gloo on CPU. Without a GPU it
-        # must be told to use the CPU, or each process silently trains alone; the
-        # variable tells the Trainer and PPO's Accelerator the same.
-        import torch
-        from accelerate import PartialState
-
-        cpu = not torch.cuda.is_available()
-        if cpu:
-            os.environ["ACCELERATE_USE_CPU"] = "true"
-        state = PartialState(cpu=cpu)
-        return cls(world_size(), rank(), state.device)
-
-    def broadcast(self, value: Any) -> Any:
-        """Rank 0's `value`, on every rank."""
-        if self.world == 1:
-            return value
-        import torch.distributed as tdist
-
-        box = [value]
-        tdist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on any rank (one tiny all-reduce)."""
-        if self.world == 1:
-            return flag
-        import torch
-        import torch.distributed as tdist
-
-        t = torch.tensor([1 if flag else 0], device=self.device)
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-        return bool(t.item())
-
-
-class _NoTracker:
-    """What ranks > 0 log to: nothing (rank 0 logs the job's metrics)."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def metrics_callback(self) -> Any:
-        from transformers import TrainerCallback
-
-        return TrainerCallback()
 
 
 def _prepare(
@@ -467,14 +372,14 @@ def _train(
     adapter_dir: Path | None,
     tracker: Any,
     checkpoint: Path | None = None,
-    dist: _Distributed | None = None,
+    dist: Distributed | None = None,
 ) -> dict[str, float]:
     """Run the mode's recipe and save its adapter to `adapter_dir` (None: don't, as on
     ranks > 0); returns final metrics.
 
     Checkpoints go to `job_dir/checkpoints`; `checkpoint` is the one to resume from.
     Raises KeyboardInterrupt after the checkpoint a SIGTERM/Ctrl-C asked for is saved."""
-    with _stop_on_signal(dist.any if dist is not None and dist.world > 1 else None) as stop:
+    with stop_on_signal(dist.any if dist is not None and dist.world > 1 else None) as stop:
         metrics, trained, v_head = _train_mode(
             cfg, prepared, spec, tokenizer, job_dir, tracker, checkpoint, stop
         )
@@ -496,7 +401,7 @@ def _train_mode(
     job_dir: Path,
     tracker: Any,
     checkpoint: Path | None,
-    stop: _StopRequest,
+    stop: StopRequest,
 ) -> tuple[dict[str, float], Any, Any]:
     """The mode's recipe: (final metrics, trained PEFT model, PPO value head or None)."""
     from simtune.training.model import load_model, resolve_precision
@@ -554,126 +459,8 @@ def _train_mode(
     return metrics, trained, v_head
 
 
-class _StopRequest:
-    """Set by the first SIGTERM/SIGINT during training; the trainers poll it (calling it)
-    at step ends and save a checkpoint before they stop.
-
-    In a job of several processes, `sync` makes every process see the request at the
-    same step (a process that steps past it would wait forever for its peers at the
-    next collective); it is then called on every process at every step end."""
-
-    def __init__(self, sync: Callable[[bool], bool] | None = None) -> None:
-        self.signum: int | None = None
-        self.sync = sync
-
-    def __call__(self) -> bool:
-        asked = self.signum is not None
-        if self.sync is not None and self.sync(asked) and not asked:
-            self.signum = int(signal.SIGTERM)  # a peer process was signalled
-        return self.signum is not None
-
-    def raise_if_requested(self) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"signal {self.signum}")
-
-
-@contextlib.contextmanager
-def _stop_on_signal(sync: Callable[[bool], bool] | None = None) -> Iterator[_StopRequest]:
-    """Turn SIGTERM/SIGINT into a stop request for the duration of training, instead of
-    an exception raised wherever the interpreter happens to be (mid optimizer step,
-    mid checkpoint write). A second signal raises at once: the user insists."""
-    from simtune.signals import on_stop_signals
-
-    stop = _StopRequest(sync)
-
-    def handler(signum: int, frame: Any) -> None:
-        if stop.signum is not None:
-            raise KeyboardInterrupt(f"signal {signum}")
-        stop.signum = signum
-        log.warning(
-            "signal %d: saving a checkpoint at the end of this step, then stopping "
-            "(send it again to stop at once)",
-            signum,
-        )
-
-    with on_stop_signals(handler):
-        yield stop
-
-
-def _job_match(cfg: TuningConfig) -> dict[str, Any]:
-    """What `--resume` compares: the options that make two jobs 'the same output'."""
-    return {
-        "tuning_mode": cfg.tuning_mode,
-        "llm_path": cfg.llm_path,
-        "dataset_path": sorted(str(Path(p).resolve()) for p in cfg.dataset_path),
-        "output_dir": str(Path(cfg.output_dir).resolve()) if cfg.output_dir else None,
-    }
-
-
-def _find_resume(cfg: TuningConfig, workspace: Path) -> tuple[dict[str, Any] | None, Path | None]:
-    """(job.json of the job to continue, checkpoint to load) for --resume/--resume_from;
-    (None, None) for a fresh job. A --resume_from checkpoint outside a simtune job dir
-    starts a new job (new model id and run) from that checkpoint."""
-    if cfg.resume_from:
-        path = Path(cfg.resume_from).expanduser().resolve()
-        if (path / JOB_FILE).is_file():  # a job dir: its latest checkpoint
-            ckpt = latest_checkpoint(path)
-            if ckpt is None:
-                raise ConfigError(f"--resume_from: {path} has no complete checkpoint")
-            return read_job(path), ckpt
-        if not (path / "trainer_state.json").is_file() and not (path / "ppo_state.json").is_file():
-            raise ConfigError(
-                f"--resume_from: {path} is not a checkpoint (expected a checkpoint-<step> "
-                "directory or a job directory under <workspace>/jobs)"
-            )
-        job_dir = path.parent.parent
-        job = read_job(job_dir) if path.parent.name == "checkpoints" else None
-        return job, path
-    if not cfg.resume:
-        return None, None
-    want = _job_match(cfg)
-    candidates = []
-    for job_file in (workspace / JOBS_DIR).glob(f"*/{JOB_FILE}"):
-        job = read_job(job_file.parent)
-        ckpt = latest_checkpoint(job_file.parent)
-        if job and ckpt is not None and job.get("match") == want:
-            candidates.append((job_file.stat().st_mtime, job_file.parent.name, job, ckpt))
-    if not candidates:
-        raise ConfigError(
-            f"--resume: no interrupted {cfg.tuning_mode} job of this model, dataset and "
-            f"output dir with a checkpoint under {workspace / JOBS_DIR}"
-        )
-    _, _, job, ckpt = max(candidates, key=lambda c: (c[0], c[1]))
-    return job, ckpt
-
-
-def _write_job(
-    job_dir: Path,
-    cfg: TuningConfig,
-    model_id: str,
-    run_id: str,
-    tracking_uri: str,
-    *,
-    status: str,
-) -> None:
-    job_dir.mkdir(parents=True, exist_ok=True)
-    data = {
-        "model_id": model_id,
-        "run_id": run_id,
-        "tracking_uri": tracking_uri,
-        "status": status,
-        "owner": owner(),
-        "updated_at": datetime.now(timezone.utc).isoformat(),
-        "match": _job_match(cfg),
-        "config": cfg.to_dict(),
-    }
-    from simtune.tracking import write_json_atomic
-
-    write_json_atomic(job_dir / JOB_FILE, data)  # a kill never leaves half a job.json
-
-
 def _registry_add(workspace: Path, meta: dict[str, Any], path: Path) -> None:
-    from simtune.registry import Registry
+    from simtune.tracking.registry import Registry
 
     Registry(workspace).add(
         {

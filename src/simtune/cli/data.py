@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from simtune.commands import add_workspace_flag
+from simtune.cli.common import add_workspace_flag
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2

@@ -92,7 +92,7 @@ def build_parser() -> Parser:
     )
     p.add_argument("--version", action="version", version=_version())
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    from simtune.commands import add_workspace_flag
+    from simtune.cli.common import add_workspace_flag
 
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
@@ -147,7 +147,7 @@ def build_parser() -> Parser:
     )
     k.add_argument("dir", help="output directory")
 
-    from simtune.commands import collect, data, demo, evaluate, serve, sims, sync
+    from simtune.cli import collect, data, demo, evaluate, serve, sims, sync
 
     for group in (collect, data, sims, serve, evaluate, demo, sync):
         group.register(sub)
@@ -206,7 +206,7 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from simtune.api import run_tuning
+    from simtune.training.run import run_tuning
 
     options = {
         k: v for k, v in vars(args).items() if k not in ("command", "config", "json", "debug")
@@ -220,7 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             result = run_tuning(args.config, **options)
     else:
         result = run_tuning(args.config, **options)
-    from simtune.launch import is_worker
+    from simtune.training.launch import is_worker
 
     if is_worker():
         return 0  # one of several training processes: the launching one reports
@@ -291,8 +291,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from simtune.publication import recover_workspace
-    from simtune.registry import Registry
+    from simtune.tracking.registry import Registry
+    from simtune.training.publication import recover_workspace
 
     ws = resolve_workspace(args.workspace)
     recover_workspace(ws)  # list what is published, not what a killed job half-left
@@ -341,7 +341,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     ws = resolve_workspace(args.workspace)
-    from simtune.tracking import embedded_uri
+    from simtune.tracking.tracker import embedded_uri
 
     store = args.tracking_uri or embedded_uri(ws)
     url = f"http://{args.host}:{args.port}"
@@ -398,7 +398,7 @@ def _stop_group(proc: Any, grace: float = 15.0) -> None:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from simtune.testing import make_tiny_model
+    from simtune.training.tiny import make_tiny_model
 
     out = make_tiny_model(args.dir)
     sys.stdout.write(f"wrote a tiny random model and tokenizer to {out}\n")

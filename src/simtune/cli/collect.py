@@ -1,6 +1,6 @@
 """`simtune collect ...`: capture decisions from a running simulation.
 
-``simtune collect proxy`` runs the recording proxy (`simtune.decisions.proxy`): an
+``simtune collect proxy`` runs the recording proxy (`simtune.collect.proxy`): an
 OpenAI-compatible server the simulation uses as its model endpoint, which forwards to
 the real model server and records every exchange. Nothing heavy is imported until the
 command runs.
@@ -12,7 +12,7 @@ import argparse
 import os
 from typing import Any
 
-from simtune.commands import add_listen_flags, add_workspace_flag
+from simtune.cli.common import add_listen_flags, add_workspace_flag
 
 PROXY_DESCRIPTION = """\
 Serve an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions,
@@ -36,7 +36,7 @@ field simtune_decision_id). Scores can be posted later:
 Upstream errors are passed through unchanged and not recorded. Stop with Ctrl-C or
 SIGTERM; the log is closed cleanly and every recorded decision is already on disk."""
 
-# Copies of simtune.decisions.proxy.DEFAULT_PORT and simtune.decisions.writer's
+# Copies of simtune.collect.proxy.DEFAULT_PORT and simtune.decisions.writer's
 # FSYNC_POLICIES / CREDIT_RULES: importing those modules here would add ~40 ms to every
 # `simtune --help` (tests/test_proxy.py checks the copies still match).
 DEFAULT_PORT = 8100
@@ -160,8 +160,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simtune.decisions.proxy import serve
-    from simtune.decisions.rules import CallRules
+    from simtune.collect.proxy import serve
+    from simtune.collect.rules import CallRules
 
     rules = CallRules.parse(args.skip_calls, args.label_calls, args.require_output)
     if args.collect_command == "proxy":

@@ -35,21 +35,27 @@ tests kill exactly where they mean to, with a real signal.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
-import socket
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from simtune.training.job import (
+    JOB_FILE,
+    JOBS_DIR,
+    keep_or_drop_job,
+    owner_alive,
+    read_job,
+    read_json,
+)
+
 log = logging.getLogger(__name__)
 
-JOBS_DIR = "jobs"
-JOB_FILE = "job.json"
+
 INTENT_FILE = "publish.json"
+
 KILLED_REASON_TAG = "simtune.killed_reason"
 
 
@@ -59,93 +65,10 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux), to tell a reused pid
-    from the original process; None where /proc is not there."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # Field 22; the command name (field 2) may hold spaces, so split after its ')'.
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def owner() -> dict[str, Any]:
-    """Who runs a job: written into job.json."""
-    pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "pid_started": _start_time(pid)}
-
-
-def owner_alive(job: dict[str, Any]) -> bool:
-    """False only when the job's process is certainly gone: same host, and its pid is
-    not running (or now belongs to a process started at another time). A job of
-    another host, or one written before owners were recorded, counts as alive."""
-    rec = job.get("owner")
-    if not isinstance(rec, dict) or rec.get("host") != socket.gethostname():
-        return True
-    pid = rec.get("pid")
-    if not isinstance(pid, int):
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    started = rec.get("pid_started")
-    return started is None or _start_time(pid) in (None, started)
-
-
-def latest_checkpoint(job_dir: Path) -> Path | None:
-    """The highest complete checkpoint-<step> of a job: a directory with the state file
-    its trainer writes last (a SIGKILL mid-save leaves one without it)."""
-    found = []
-    for d in (job_dir / "checkpoints").glob("checkpoint-*"):
-        step = d.name.removeprefix("checkpoint-")
-        complete = (d / "trainer_state.json").is_file() or (d / "ppo_state.json").is_file()
-        if step.isdigit() and complete:
-            found.append((int(step), d))
-    return max(found)[1] if found else None
-
-
-def read_job(job_dir: Path) -> dict[str, Any] | None:
-    return _read(job_dir / JOB_FILE)
-
-
-def keep_or_drop_job(job_dir: Path, status: str) -> None:
-    """After a failed or killed job: keep its dir if there is a checkpoint to resume,
-    else remove it (nothing to resume from, nothing to leave behind)."""
-    job = read_job(job_dir)
-    if job is None:
-        shutil.rmtree(job_dir, ignore_errors=True)
-        return
-    if latest_checkpoint(job_dir) is None:
-        shutil.rmtree(job_dir, ignore_errors=True)
-        return
-    with contextlib.suppress(OSError):
-        job.update(status=status, updated_at=datetime.now(timezone.utc).isoformat())
-        from simtune.tracking import write_json_atomic
-
-        write_json_atomic(job_dir / JOB_FILE, job)
-        log.warning(
-            "job %s stopped; resume it with --resume (or --resume_from %s)",
-            job["model_id"],
-            latest_checkpoint(job_dir),
-        )
-
-
 def write_intent(job_dir: Path, intent: dict[str, Any]) -> None:
-    from simtune.tracking import write_json_atomic
+    from simtune.util import write_json_atomic
 
     write_json_atomic(job_dir / INTENT_FILE, intent)
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def recover_workspace(workspace: Path) -> list[dict[str, Any]]:
@@ -186,10 +109,10 @@ def recover_workspace(workspace: Path) -> list[dict[str, Any]]:
 
 
 def _recover_job(workspace: Path, job_dir: Path, job: dict[str, Any]) -> dict[str, Any]:
-    from simtune.registry import Registry
+    from simtune.tracking.registry import Registry
 
     model_id = str(job["model_id"])
-    intent = _read(job_dir / INTENT_FILE)
+    intent = read_json(job_dir / INTENT_FILE)
     pid = (job.get("owner") or {}).get("pid")
     in_registry = any(e.get("model_id") == model_id for e in Registry(workspace).list())
     client = _client(job)  # one store check and client per job, not per step
@@ -224,7 +147,7 @@ def _resumable(job_dir: Path) -> str:
 def _client(job: dict[str, Any]) -> Any:
     import mlflow
 
-    from simtune.tracking import check_reachable, prepare_store
+    from simtune.tracking.tracker import check_reachable, prepare_store
 
     uri = job["tracking_uri"]
     check_reachable(uri)

@@ -10,7 +10,7 @@ A reward model (`model_config["task"] == "reward"`: a SEQ_CLS adapter from
 `--tuning_mode reward`) instead takes rows of {"prompt": ..., "completion": ...} (a
 DataFrame, a dict, or a list of dicts; a prompt is a string or a chat message list)
 and returns one float score per row. Texts are rendered exactly as in training
-(simtune.training.rewards.reward_input_ids): chat template of prompt + assistant
+(simtune.rewards.reward_input_ids): chat template of prompt + assistant
 answer, cut from the left to `model_config["max_length"]`.
 
 This file is logged as MLflow "model code" (no pickling), and imports nothing from

@@ -17,25 +17,13 @@ fields too (`onesim_fields`), so OneSim's UI lists simtune's models.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from simtune.errors import ConfigError, SimtuneError
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-
-def check_name(value: str, what: str = "model id") -> str:
-    """Reject anything that could escape a directory: '..', separators, NUL, absolute."""
-    if not isinstance(value, str) or not _SAFE_NAME.match(value) or ".." in value:
-        raise ConfigError(f"invalid {what} {value!r}: use letters, digits, '.', '_' and '-' only")
-    return value
-
+from simtune.errors import SimtuneError
+from simtune.util import check_name, write_json_atomic
 
 _ONESIM_OLD = ("base_models", "fine_tuned_models", "embedding_models")
 
@@ -117,17 +105,7 @@ class Registry:
         with self._lock():
             data = self._read()
             result = change(data)
-            fd, tmp = tempfile.mkstemp(dir=self.models_dir, prefix=".registry-", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    json.dump(data, fh, indent=2, ensure_ascii=False)
-                    fh.write("\n")
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_json_atomic(self.path, data)
             return result
 
     def add(self, entry: dict[str, Any]) -> None:

@@ -69,8 +69,8 @@ from json.encoder import encode_basestring as _quote  # str -> JSON string liter
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
+from simtune.collect.rules import CallRules
 from simtune.config import resolve_workspace
-from simtune.decisions.rules import CallRules
 from simtune.decisions.schema import finite_number, role_problem
 from simtune.decisions.writer import (
     DecisionLog,
@@ -85,7 +85,7 @@ from simtune.decisions.writer import (
     spread_return,
     utc_now,
 )
-from simtune.registry import check_name
+from simtune.util import check_name
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class Recorder:
         rules: CallRules | None = None,
     ) -> None:
         self.rules = rules
-        """Which calls of a wrapped client are decisions (`simtune.decisions.rules`)."""
+        """Which calls of a wrapped client are decisions (`simtune.collect.rules`)."""
         self.env_name = check_name(env_name, "env name")
         self.run_id = str(run_id) if run_id is not None else new_run_id()
         check_credit(credit, gamma)

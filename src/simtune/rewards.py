@@ -14,8 +14,6 @@ tokenization shared by reward-model training and scoring) live here too. Heavy i
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import json
 import logging
@@ -23,21 +21,21 @@ import math
 import numbers
 import os
 import re
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from simtune.config import NORMALISATIONS
 from simtune.decisions.schema import Decision
 from simtune.errors import ConfigError, SimtuneError
-from simtune.llm_client import ChatClient, LLMError, check_endpoint
+from simtune.openai.client import ChatClient, LLMError, check_endpoint
+from simtune.util import load_object
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
-NORMALISATIONS = ("zscore", "minmax", "none")
 
 
 class RewardError(SimtuneError):
@@ -112,74 +110,10 @@ def _check_lengths(prompts: Sequence[Any], completions: Sequence[Any]) -> None:
 def load_reward_fn(spec: str) -> Callable[..., Any]:
     """Import `module:function` or `path/to/file.py:function` (dotted attributes work:
     `module:Class.method`). Raises ConfigError naming --reward_fn and what failed."""
-    target, sep, attr = spec.rpartition(":") if isinstance(spec, str) else ("", "", "")
-    if not sep or not target.strip() or not attr.strip() or not spec.strip():
-        raise ConfigError(
-            f"--reward_fn: expected 'module:function' or 'path/to/file.py:function', got {spec!r}"
-        )
-    target, attr = target.strip(), attr.strip()
-    if target.endswith(".py") or "/" in target or os.sep in target:
-        module = _import_file(target, spec)
-    else:
-        module = _import_module(target, spec)
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"--reward_fn: module {target!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    obj = load_object(spec, "--reward_fn", "function")
     if not callable(obj):
         raise ConfigError(f"--reward_fn: {spec!r} is not callable (it is a {type(obj).__name__})")
     return obj
-
-
-def _import_file(target: str, spec: str) -> Any:
-    path = Path(target).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"--reward_fn: no such file: {target}")
-    name = f"simtune_reward_{path.stem}_{abs(hash(str(path.resolve()))):x}"
-    mod_spec = importlib.util.spec_from_file_location(name, path)
-    if mod_spec is None or mod_spec.loader is None:
-        raise ConfigError(f"--reward_fn: cannot import {target} (not a Python file?)")
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[name] = module  # dataclasses and pickling look modules up here
-    try:
-        mod_spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(name, None)
-        raise ConfigError(
-            f"--reward_fn: importing {target} failed: {type(exc).__name__}: {exc}"
-        ) from None
-    return module
-
-
-def _import_module(target: str, spec: str) -> Any:
-    top = target.split(".")[0]
-    cwd = Path.cwd()
-    if (
-        str(cwd) not in sys.path
-        and "" not in sys.path
-        and ((cwd / f"{top}.py").is_file() or (cwd / top / "__init__.py").is_file())
-    ):
-        # Like `python -m`: a module in the current directory is importable (the
-        # `simtune` console script does not put the current directory on sys.path).
-        sys.path.insert(0, str(cwd))
-    try:
-        return importlib.import_module(target)
-    except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if missing == top or target.startswith(missing + "."):
-            raise ConfigError(
-                f"--reward_fn: no module named {missing or target!r} (from {spec!r}; "
-                "give an importable module or a path/to/file.py)"
-            ) from None
-        # The module exists but one of *its* imports is missing.
-        raise ConfigError(
-            f"--reward_fn: importing {target!r} failed: {type(exc).__name__}: {exc}"
-        ) from None
-    except Exception as exc:
-        raise ConfigError(
-            f"--reward_fn: importing {target!r} failed: {type(exc).__name__}: {exc}"
-        ) from None
 
 
 def _as_score(value: Any) -> float | None:

@@ -1,6 +1,6 @@
 """`simtune sync`: send what an MLflow outage left in `<workspace>/outbox/` to MLflow.
 
-Parsing and printing only; the work is `simtune.tracking.sync_outbox` (imported when
+Parsing and printing only; the work is `simtune.tracking.outbox.sync_outbox` (imported when
 the command runs, so `simtune --help` stays fast).
 
 Exit codes: 0 everything synced (or nothing to sync); 2 a tracking server does not
@@ -16,7 +16,7 @@ import json
 import sys
 from typing import Any
 
-from simtune.commands import add_workspace_flag
+from simtune.cli.common import add_workspace_flag
 
 DESCRIPTION = """\
 When the MLflow server goes away during `simtune train`, training finishes anyway: the
@@ -52,8 +52,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from simtune.config import resolve_workspace
-    from simtune.publication import recover_workspace
-    from simtune.tracking import sync_outbox
+    from simtune.tracking.outbox import sync_outbox
+    from simtune.training.publication import recover_workspace
 
     ws = resolve_workspace(args.workspace)
     recover_workspace(ws)

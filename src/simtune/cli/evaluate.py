@@ -12,7 +12,7 @@ import json
 import sys
 from typing import Any
 
-from simtune.commands import add_precision_flag, add_workspace_flag, positive_int
+from simtune.cli.common import add_precision_flag, add_workspace_flag, positive_int
 
 DESCRIPTION = """\
 Generate answers with each --model and compare them in one table.

@@ -1,6 +1,6 @@
 """`simtune serve`: base model + LoRA adapters as an OpenAI-compatible endpoint.
 
-Parsing only; the work is `simtune.serving.serve`, imported when the command runs
+Parsing only; the work is `simtune.serving.server.serve`, imported when the command runs
 (nothing heavy at import time: `simtune --help` must stay fast).
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from simtune.commands import add_listen_flags, add_precision_flag, add_workspace_flag
+from simtune.cli.common import add_listen_flags, add_precision_flag, add_workspace_flag
 
-# Copies of simtune.serving.DEFAULT_PORT and BACKENDS (importing serving here would
+# Copies of simtune.serving.server.DEFAULT_PORT and BACKENDS (importing serving here would
 # slow every `simtune --help`; tests/test_serving.py checks they still match).
 DEFAULT_PORT = 8000
 BACKENDS = ("auto", "transformers", "vllm")
@@ -119,7 +119,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from simtune.serving import serve
+    from simtune.serving.server import serve
 
     serve(
         args.models,

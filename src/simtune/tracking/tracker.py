@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from simtune.errors import SimtuneError, TrackingError
+from simtune.util import first_line, write_json_atomic
 
 log = logging.getLogger(__name__)
+
 
 # Trainer log keys that are per-run summaries, not curves.
 _SUMMARY_KEYS = {
@@ -53,16 +55,23 @@ _SUMMARY_KEYS = {
     "total_flos",
     "train_loss",
 }
+
+
 PARAM_VALUE_LIMIT = 500
 
 OUTBOX_DIR = "outbox"
+
 # MLflow's limits per log_batch request.
-_METRICS_PER_BATCH = 1000
-_PARAMS_PER_BATCH = 100
+METRICS_PER_BATCH = 1000
+
+PARAMS_PER_BATCH = 100
+
 # Longest wait between two attempts of the metric sender while the server is down.
 RETRY_MAX_S = 30.0
+
 # How long the end of a job waits for queued metrics to reach the server.
 FLUSH_TIMEOUT_S = 15.0
+
 # MLflow's defaults (7 retries, backoff factor 2, 120 s timeout) keep one call to a dead
 # server busy for minutes; these make it fail in about 3 s (connection refused) and
 # bound a hung server to a few timeouts. Only applied where the user set nothing.
@@ -71,10 +80,17 @@ _HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
+
+
 _http_lock = threading.Lock()
+
 _http_users = 0
+
 _http_added: list[str] = []
+
+
 _urllib3_log = logging.getLogger("urllib3.connectionpool")
+
 _urllib3_level = _urllib3_log.level
 
 
@@ -203,7 +219,7 @@ def _sqlite_store_problem(uri: str) -> str | None:
         if current != head:
             return f"schema version {current}, this MLflow needs {head}"
     except Exception as exc:
-        return _first_line(exc)
+        return first_line(exc)
     finally:
         engine.dispose()
     return None
@@ -245,7 +261,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
-def _unreachable(uri: str) -> str | None:
+def unreachable_reason(uri: str) -> str | None:
     """Why the server at `uri` is down, or None when it answers (or is no server)."""
     try:
         check_reachable(uri, timeout=3.0)
@@ -308,7 +324,7 @@ class _MetricSender:
 
         while True:
             with self._lock:
-                batch = self._queue[:_METRICS_PER_BATCH]
+                batch = self._queue[:METRICS_PER_BATCH]
             if not batch:
                 return True
             try:
@@ -319,7 +335,7 @@ class _MetricSender:
                 code = exc.get_http_status_code() if isinstance(exc, MlflowException) else 500
                 if 400 <= code < 500 and code != 429:
                     # The server answered and refused these values: resending cannot help.
-                    log.error("MLflow refused %d metric(s): %s", len(batch), _first_line(exc))
+                    log.error("MLflow refused %d metric(s): %s", len(batch), first_line(exc))
                     with self._lock:
                         del self._queue[: len(batch)]
                     continue
@@ -335,7 +351,7 @@ class _MetricSender:
     def _failed(self, exc: BaseException) -> None:
         self._delay = min(max(1.0, self._delay * 2), RETRY_MAX_S)
         if self.down_reason is None:
-            self.down_reason = _unreachable(self.uri) or _first_line(exc)[:200]
+            self.down_reason = unreachable_reason(self.uri) or first_line(exc)[:200]
             with self._lock:
                 queued = len(self._queue)
             log.warning(
@@ -421,7 +437,7 @@ class Tracker:
             if isinstance(exc, TrackingError):
                 raise
             raise TrackingError(
-                f"--tracking_uri: MLflow at {self.uri} failed: {_first_line(exc)}"
+                f"--tracking_uri: MLflow at {self.uri} failed: {first_line(exc)}"
             ) from None
 
     @contextlib.contextmanager
@@ -490,11 +506,11 @@ class Tracker:
             mlflow.end_run(status=status)
             ended = True
         except Exception as exc:
-            why = _unreachable(self.uri)
+            why = unreachable_reason(self.uri)
             if why is None:
                 raise
             down = down or why
-            log.debug("end_run failed: %s", _first_line(exc))
+            log.debug("end_run failed: %s", first_line(exc))
         if ended and not left and self.synced:
             return
         self._write_outbox(status, ended, left, down or "unknown")
@@ -522,7 +538,7 @@ class Tracker:
             "artifacts": self._deferred_artifacts,
             "registration": self._deferred_registration,
         }
-        from simtune.registry import Registry
+        from simtune.tracking.registry import Registry
 
         def unsynced(entry: dict[str, Any]) -> None:
             entry.setdefault("mlflow", {}).update(synced=False, outbox=str(path))
@@ -590,7 +606,7 @@ class Tracker:
     def _defer(self, what: str, exc: BaseException) -> bool:
         """True (and offline from now on) when `exc` came from an unreachable server."""
         if self._offline is None:
-            why = _unreachable(self.uri)
+            why = unreachable_reason(self.uri)
             if why is None:
                 return False
             self._offline = why
@@ -601,7 +617,7 @@ class Tracker:
                 why,
                 what,
             )
-            log.debug("deferred after: %s", _first_line(exc))
+            log.debug("deferred after: %s", first_line(exc))
         return True
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> None:
@@ -719,241 +735,10 @@ def log_registered_model(
     return version, f"models:/{name}/{version}"
 
 
-# --- the outbox and `simtune sync` ------------------------------------------------------
-
-
 def outbox_path(workspace: Path, model_id: str) -> Path:
-    from simtune.registry import check_name
+    from simtune.util import check_name
 
     return Path(workspace) / OUTBOX_DIR / f"{check_name(model_id)}.json"
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Temp file in the same directory, fsync, rename: readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, ensure_ascii=False, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def pending_syncs(workspace: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """The outbox records of a workspace, oldest first."""
-    out = []
-    for path in sorted((Path(workspace) / OUTBOX_DIR).glob("*.json")):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise SimtuneError(f"{path}: unreadable outbox record ({exc})") from None
-        out.append((path, record))
-    return sorted(out, key=lambda item: str(item[1].get("created_at", "")))
-
-
-def sync_outbox(
-    workspace: Path, tracking_uri: str | None = None, *, lock_timeout: float = 0.0
-) -> list[dict[str, Any]]:
-    """Send every outbox record of `workspace` to MLflow (`simtune sync`).
-
-    Per record: reopen its run (or, when that run is not on the server, create one in
-    its experiment and log the saved params), log the buffered metrics, register the
-    model, upload the adapter artifacts, update the registry entry (synced), end the run
-    with the job's status, delete the record. Each finished step is written back to the
-    record first, so an interrupted sync resumes without registering twice. Raises
-    TrackingError, before touching a record, when its server does not answer. Returns
-    one result dict per record ({"model_id", "status": "synced"|"locked"|"failed", ...}).
-    """
-    from filelock import FileLock, Timeout
-
-    results = []
-    for path, record in pending_syncs(workspace):
-        uri = tracking_uri or record["tracking_uri"]
-        check_reachable(uri)
-        lock = FileLock(str(path) + ".lock", timeout=lock_timeout)
-        try:
-            lock.acquire()
-        except Timeout:
-            results.append({"model_id": record["model_id"], "status": "locked"})
-            continue
-        try:
-            if not path.is_file():  # another sync finished it meanwhile
-                continue
-            record = json.loads(path.read_text(encoding="utf-8"))
-            try:
-                results.append(_sync_one(Path(workspace), path, record, uri))
-            except Exception as exc:
-                if isinstance(exc, TrackingError) or _unreachable(uri):
-                    raise TrackingError(
-                        f"MLflow server at {uri} went away while syncing "
-                        f"{record['model_id']}; progress is saved in {path}, run "
-                        "`simtune sync` again"
-                    ) from None
-                log.error("sync of %s failed: %s", record["model_id"], _first_line(exc))
-                results.append(
-                    {
-                        "model_id": record["model_id"],
-                        "status": "failed",
-                        "error": _first_line(exc),
-                    }
-                )
-        finally:
-            lock.release()
-            Path(lock.lock_file).unlink(missing_ok=True)
-    return results
-
-
-def _sync_one(workspace: Path, path: Path, rec: dict[str, Any], uri: str) -> dict[str, Any]:
-    import mlflow
-    from mlflow.entities import Metric, Param
-
-    client = mlflow.MlflowClient(uri)
-
-    def save() -> None:
-        write_json_atomic(path, rec)
-
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)  # log_model is fluent API only
-    try:
-        with bounded_http_retries():
-            run_id = rec.get("synced_run_id") or rec["run_id"]
-            if not _run_exists(client, run_id):
-                exp = client.get_experiment_by_name(rec["experiment_name"])
-                exp_id = (
-                    exp.experiment_id if exp else client.create_experiment(rec["experiment_name"])
-                )
-                if exp is not None and exp.lifecycle_stage == "deleted":
-                    client.restore_experiment(exp_id)
-                run_id = client.create_run(
-                    exp_id, run_name=rec.get("run_name") or None, tags=rec.get("tags") or {}
-                ).info.run_id
-                params = [Param(k, str(v)) for k, v in (rec.get("params") or {}).items()]
-                for i in range(0, len(params), _PARAMS_PER_BATCH):
-                    client.log_batch(run_id, params=params[i : i + _PARAMS_PER_BATCH])
-                log.warning(
-                    "run %s is not on %s: created run %s for %s (its earlier history stays "
-                    "where it was)",
-                    rec["run_id"],
-                    uri,
-                    run_id,
-                    rec["model_id"],
-                )
-                rec["synced_run_id"] = run_id
-                rec["run_ended"] = False
-                save()
-
-            while rec["metrics"]:
-                batch = rec["metrics"][:_METRICS_PER_BATCH]
-                client.log_batch(run_id, metrics=[Metric(*m) for m in batch], synchronous=True)
-                rec["metrics"] = rec["metrics"][len(batch) :]
-                save()
-
-            reg = rec.get("registration")
-            if reg and not reg.get("version"):
-                reg["version"], reg["model_uri"] = _register_once(mlflow, client, run_id, reg)
-                save()
-
-            model_dir = reg["adapter_dir"] if reg else None
-            if rec["artifacts"]:
-                model_dir = rec["artifacts"][0]["local_dir"]
-            if model_dir and rec.get("published"):
-                _update_model_meta(Path(model_dir) / "simtune.json", rec, run_id, uri)
-            while rec["artifacts"]:
-                item = rec["artifacts"][0]
-                client.log_artifacts(run_id, item["local_dir"], item["artifact_path"] or None)
-                rec["artifacts"] = rec["artifacts"][1:]
-                save()
-
-            if rec.get("published") and not rec.get("registry_done"):
-                _update_registry(workspace, rec, run_id, uri)
-                rec["registry_done"] = True
-                save()
-
-            client.set_terminated(run_id, rec["status"])
-    finally:
-        mlflow.set_tracking_uri(previous)
-    path.unlink()
-    log.info("synced %s to %s (run %s)", rec["model_id"], uri, run_id)
-    return {
-        "model_id": rec["model_id"],
-        "status": "synced",
-        "run_id": run_id,
-        "run_status": rec["status"],
-        "registered_model_name": reg["name"] if reg else "",
-        "registered_model_version": reg["version"] if reg else "",
-        "model_uri": reg["model_uri"] if reg else "",
-    }
-
-
-def _run_exists(client: Any, run_id: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_run(run_id).info.lifecycle_stage == "active"
-    except MlflowException as exc:
-        if exc.get_http_status_code() == 404 or "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
-            return False
-        raise
-
-
-def _register_once(mlflow: Any, client: Any, run_id: str, reg: dict[str, Any]) -> tuple[str, str]:
-    """Register the deferred model, unless an interrupted sync already did (a version of
-    that name from this run exists)."""
-    found = client.search_model_versions(f"name='{reg['name']}' and run_id='{run_id}'")
-    if found:
-        version = str(max(int(v.version) for v in found))
-        for key, value in reg["tags"].items():
-            client.set_model_version_tag(reg["name"], version, key, value)
-        return version, f"models:/{reg['name']}/{version}"
-    request = {k: reg[k] for k in ("adapter_dir", "name", "base_model", "base_is_local", "tags")}
-    request.update(task=reg["task"], extra_config=reg["extra_config"])
-    mlflow.start_run(run_id=run_id)  # log_model logs into the active run
-    try:
-        return log_registered_model(mlflow, client, **request)
-    finally:
-        # Pops the local run; the final status is set once everything else is there.
-        with contextlib.suppress(Exception):
-            mlflow.end_run(status="RUNNING")
-
-
-def _mlflow_fields(rec: dict[str, Any], run_id: str, uri: str) -> dict[str, Any]:
-    fields: dict[str, Any] = {"tracking_uri": uri, "run_id": run_id, "synced": True}
-    reg = rec.get("registration")
-    if reg:  # else the job registered its model itself before the server went away
-        fields.update(registered_model_version=reg["version"], model_uri=reg["model_uri"])
-    return fields
-
-
-def _update_model_meta(meta_path: Path, rec: dict[str, Any], run_id: str, uri: str) -> None:
-    """simtune.json in the model dir (uploaded as an artifact next) gets the version."""
-    if not meta_path.is_file():
-        return
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    meta.setdefault("mlflow", {}).update(_mlflow_fields(rec, run_id, uri))
-    meta["mlflow"].pop("outbox", None)
-    write_json_atomic(meta_path, meta)
-
-
-def _update_registry(workspace: Path, rec: dict[str, Any], run_id: str, uri: str) -> None:
-    from simtune.registry import Registry
-
-    def synced(entry: dict[str, Any]) -> None:
-        entry.setdefault("mlflow", {}).update(_mlflow_fields(rec, run_id, uri))
-        entry["mlflow"].pop("outbox", None)
-
-    try:
-        Registry(workspace).update(rec["model_id"], synced)
-    except SimtuneError:
-        log.warning(
-            "%s is no longer in %s (deleted?); synced to MLflow only",
-            rec["model_id"],
-            Registry(workspace).path,
-        )
 
 
 def _requirements() -> list[str]:
@@ -972,11 +757,6 @@ def run_status(tracking_uri: str, run_id: str) -> str:
     import mlflow
 
     return mlflow.MlflowClient(tracking_uri).get_run(run_id).info.status
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def dumps(data: Any) -> str:

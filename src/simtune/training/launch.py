@@ -5,7 +5,7 @@ launch`, the standard engines, rather than a home-made process pool.
 The launching process checks the input first (a bad flag or record still costs seconds
 and exits 2), writes the fully resolved config to a temporary YAML file and starts the
 launcher with an argument list (never a shell string). Every worker runs `simtune
-train --config <that file>`; `simtune.api.run_tuning` notices it is one of several
+train --config <that file>`; `simtune.training.run.run_tuning` notices it is one of several
 processes (WORLD_SIZE > 1) and trains data-parallel: rank 0 alone opens the MLflow run,
 writes checkpoints and `models/<model_id>/`, and registers; it hands its result back
 through the file named by SIMTUNE_RESULT_FILE.
@@ -35,6 +35,7 @@ from typing import Any
 from simtune.config import TuningConfig
 from simtune.errors import SimtuneError
 from simtune.signals import on_stop_signals
+from simtune.util import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def launch(cfg: TuningConfig) -> Any:
     saved their checkpoint), LaunchError when a worker failed."""
     import yaml
 
-    from simtune.api import TuningResult
+    from simtune.training.job import TuningResult
 
     tmp = Path(tempfile.mkdtemp(prefix="simtune-launch-"))
     try:
@@ -151,10 +152,7 @@ def write_result(result: Any) -> None:
     path = os.environ.get(RESULT_ENV)
     if not path:
         return
-    target = Path(path)
-    partial = target.with_suffix(".tmp")
-    partial.write_text(json.dumps(result.to_dict(), default=str), encoding="utf-8")
-    os.replace(partial, target)
+    write_json_atomic(Path(path), result.to_dict(), compact=True, fsync=False)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,674 @@
+"""Serve a base model and its LoRA adapters as an OpenAI-compatible endpoint (DESIGN.md §7).
+
+`simtune serve --model ID|NAME[@VERSION]|PATH ...` loads the base once, attaches every
+adapter to it by name and answers ``/v1/models``, ``/v1/chat/completions`` and
+``/v1/completions`` (streaming too) on loopback; the request's ``model`` picks the
+adapter, ``"base"`` is the base model itself. From Python::
+
+    engine = Engine.load(["sft-tiny-...", "ppo-tiny-..."], workspace=ws)
+    engine.generate("base", ["Hello"], max_tokens=16)           # in-process
+    with Server(engine) as server:                               # over HTTP
+        client = openai.OpenAI(base_url=server.url, api_key="x")
+
+Batching (transformers backend). One scheduler thread owns the model. It runs a decode
+loop with a KV cache over a *batch of rows*; each row is one request, left-padded.
+Between two decode steps it takes waiting requests (up to ``max_batch_size`` rows),
+prefills them as a small batch of their own and merges their cache into the running one
+(padding the shorter cache on the left), so a request arriving mid-generation joins at
+the next token instead of waiting for the batch to drain ("iteration-level" or
+continuous batching, like vLLM's scheduler but without paged memory). Finished and
+abandoned rows (client gone) leave the batch at once, and cache columns that only
+padding still uses are cut. Rows of different adapters share one batch: PEFT's mixed
+batch inference (per-row adapter names, ``"__base__"`` for the base) applies each LoRA
+only to its own rows; a batch of a single adapter (or only the base) instead switches
+PEFT's active adapter, which is cheaper per step. Every generated token is handed to
+its request as it is made, so streaming and batching work together.
+
+Measured on the tiny model on 2 CPU cores (``bench/serve_throughput.py``): 8 concurrent
+clients get ~4x the tokens/s of one client; mixed-adapter batches ~2.3x (PEFT's
+per-row routing costs ~25% over a single-adapter batch there); no batching ~1x.
+
+HTTP contract
+-------------
+- ``GET /health`` -> ``{"status": "ok", "models": [...]}`` (no key needed; with
+  ``api_key`` set, the model names only for a request carrying the key).
+- ``GET /v1/models``, ``GET /v1/models/{id}``: the served names (adapters first, then
+  ``base``), OpenAI's list shape plus ``root`` (the base model) and ``parent``.
+- ``POST /v1/chat/completions``: ``messages`` rendered with the tokenizer's chat template
+  (generation prompt added); ``POST /v1/completions``: ``prompt`` a string, a list of
+  strings (one choice each), token ids or lists of token ids.
+  Honoured: ``max_tokens`` / ``max_completion_tokens`` (default: no cap but the model's
+  context window, as in vLLM; ``--max-new-tokens`` sets a default and upper bound, a
+  longer request is clipped and ends with ``finish_reason: "length"``), ``temperature`` (0 = greedy), ``top_p``, ``stop`` (up to
+  4 strings, not included in the answer), ``stream`` and ``stream_options.include_usage``.
+  ``usage`` counts prompt and completion tokens. ``n`` > 1, ``logprobs`` and ``echo``
+  are refused (400); other OpenAI fields (penalties, seed, tools, ...) are ignored.
+- Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
+  a body that is not strict JSON (`simtune.jsontext`: NaN/Infinity, lone surrogates,
+  nesting over ``REQUEST_MAX_DEPTH``), a body that is not an object, a missing/invalid
+  field or message role, a prompt longer than the context (checked by its characters
+  before tokenizing, then by tokens; tokenizing runs off the event loop), a request
+  aiohttp's parser refuses -> 400; a
+  ``model`` that is not served -> 404 (``code: "model_not_found"``); unknown path ->
+  404; wrong method -> 405; body over 16 MiB -> 413; missing or wrong key when
+  ``api_key`` is set -> 401 (``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``); an
+  error inside generation -> 500 (or an ``error`` event in a stream). The server keeps
+  serving after any of them.
+- A client that disconnects mid-answer (stream or not) frees its batch row at the next
+  decode step; the other requests are not affected.
+
+Deliberate simplifications
+--------------------------
+- One tokenizer for all served names: the base model's (the one the adapters were
+  trained with); adapters that added tokens to their own tokenizer are not supported.
+- No paged KV cache: a batch's cache is as long as its longest row (left padding), so
+  very uneven prompt lengths waste memory; ``max_batch_size`` bounds it.
+- Requests are admitted in arrival order, with no priorities and no preemption; a
+  merged cache needs plain (non-sliding-window) layers, otherwise new requests wait
+  for the running batch to finish (still batched, just not mid-flight).
+- The vLLM backend launches vLLM's own OpenAI server (``python -m
+  vllm.entrypoints.openai.api_server``) as a subprocess with the base and
+  ``--lora-modules``; it is not exercised by the test suite (no GPU, no vllm there),
+  and vLLM applies its own limits: ``--max-new-tokens`` is not passed on (vLLM bounds a
+  request by the model's context), ``--max-batch-size`` becomes ``--max-num-seqs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from simtune.errors import ConfigError
+from simtune.openai.http import (
+    LoopThread,
+    app_runner,
+    check_api_key,
+    error_body,
+    error_response,
+    parse_body,
+)
+from simtune.openai.http import Reject as _Reject
+
+if TYPE_CHECKING:
+    from aiohttp import web
+from simtune.serving.engine import (
+    MAX_STOP,
+    Engine,
+    EngineRequest,
+    Generation,
+    Prompt,
+    RequestError,
+    Sink,
+    is_token_ids,
+    plain_messages,
+)
+from simtune.serving.models import BASE_NAME, alias_map, resolve_all
+from simtune.serving.vllm import choose_backend, run_vllm, vllm_command, vllm_env
+
+log = logging.getLogger(__name__)
+
+
+DEFAULT_PORT = 8000
+
+MAX_BODY = 16 * 1024 * 1024
+
+
+def _reject_from(exc: RequestError) -> _Reject:
+    kind = "server_error" if exc.status >= 500 else "invalid_request_error"
+    return _Reject(exc.status, exc.message, param=exc.param, code=exc.code, type_=kind)
+
+
+class _AsyncSink(Sink):
+    """Forwards the scheduler's callbacks into an asyncio queue on the server's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream: bool) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.stream = stream
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server stopped
+            pass
+
+    def text(self, delta: str) -> None:
+        if self.stream:
+            self._put(("text", delta))
+
+    def done(self, gen: Generation) -> None:
+        self._put(("done", gen))
+
+    def error(self, exc: BaseException) -> None:
+        self._put(("error", exc))
+
+
+@dataclass
+class _Params:
+    model: str
+    prompts: list[Prompt]
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+
+
+def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise _Reject(400, f"'{key}' must be a number in [{lo:g}, {hi:g}]", param=key)
+    return float(value)
+
+
+def _parse(body: Any, chat: bool) -> _Params:
+    if not isinstance(body, dict):
+        raise _Reject(400, "the request body must be a JSON object", code="invalid_json")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _Reject(
+            400, "'model' is required (a string)", param="model", code="missing_required_parameter"
+        )
+    prompts: list[Prompt]
+    if chat:
+        messages = body.get("messages")
+        if messages is None:
+            raise _Reject(
+                400, "'messages' is required", param="messages", code="missing_required_parameter"
+            )
+        if not isinstance(messages, list) or not messages:
+            raise _Reject(400, "'messages' must be a non-empty list of messages", param="messages")
+        try:
+            prompts = [plain_messages(messages)]
+        except RequestError as exc:
+            raise _reject_from(exc) from None
+    else:
+        prompt = body.get("prompt")
+        if prompt is None:
+            raise _Reject(
+                400, "'prompt' is required", param="prompt", code="missing_required_parameter"
+            )
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        elif isinstance(prompt, list) and prompt and all(is_token_ids(p) for p in prompt):
+            prompts = [list(p) for p in prompt]
+        elif is_token_ids(prompt):
+            prompts = [list(prompt)]
+        else:
+            raise _Reject(
+                400,
+                "'prompt' must be a string, a list of strings, token ids or lists of token ids",
+                param="prompt",
+            )
+        if body.get("echo"):
+            raise _Reject(400, "'echo' is not supported", param="echo")
+    n = body.get("n", 1)
+    if n not in (None, 1):
+        raise _Reject(400, "only n=1 is supported", param="n")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise _Reject(400, "'logprobs' is not supported", param="logprobs")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(key)
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+    ):
+        raise _Reject(400, f"'{key}' must be a positive integer", param=key)
+    stop = body.get("stop")
+    if stop is None:
+        stops: list[str] = []
+    elif isinstance(stop, str):
+        stops = [stop]
+    elif isinstance(stop, list) and len(stop) <= MAX_STOP and all(isinstance(s, str) for s in stop):
+        stops = list(stop)
+    else:
+        raise _Reject(400, f"'stop' must be a string or a list of up to {MAX_STOP}", param="stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise _Reject(400, "'stream' must be a boolean", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _Reject(400, "'stream_options' must be an object", param="stream_options")
+    if stream and len(prompts) > 1:
+        raise _Reject(400, "streaming takes one prompt per request", param="prompt")
+    return _Params(
+        model=model,
+        prompts=prompts,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),  # OpenAI's default
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        stop=stops,
+        stream=bool(stream),
+        include_usage=bool(options.get("include_usage")),
+    )
+
+
+class Server:
+    """The OpenAI-compatible HTTP front of an `Engine` (contract: module docstring).
+
+    ``start()`` serves in a background thread (``port=0`` picks a free port; see `url`);
+    ``serve_forever()`` serves in this thread until SIGINT/SIGTERM. The engine is the
+    caller's: `stop` does not close it.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        if not 0 <= int(port) <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {port}")
+        self.engine = engine
+        self.host, self.port = host, int(port)
+        self.api_key = api_key or None
+        self._key = self.api_key.encode() if self.api_key else None
+        self.shutdown_timeout = shutdown_timeout
+        self._runner: Any = None
+        # A thread of its own, or the foreground until a signal (shared with the proxy).
+        self._lifecycle = LoopThread(
+            self._startup,
+            self._shutdown,
+            name="simtune-serve",
+            join_timeout=self.shutdown_timeout + 30,
+        )
+        self._created = int(time.time())
+
+    @property
+    def url(self) -> str:
+        """The ``/v1`` base URL clients use."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def _startup(self) -> None:
+        from aiohttp import web
+
+        from simtune.collect.proxy import is_loopback
+
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = app_runner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=self.shutdown_timeout
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise ConfigError(
+                f"--host/--port: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
+            ) from None
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        if not is_loopback(self.host):
+            log.warning(
+                "listening on %s, not loopback: anyone who can reach this address can use the "
+                "model%s",
+                self.host,
+                "" if self.api_key else " (set --api-key to require a key)",
+            )
+        log.info("serving %s at %s", ", ".join(self.engine.names), self.url)
+
+    async def _shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def start(self) -> Server:
+        """Serve in a background thread; returns once listening (`port` is then set)."""
+        self._lifecycle.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving (requests in flight get `shutdown_timeout` to finish)."""
+        self._lifecycle.stop()
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until SIGINT or SIGTERM, then shut down cleanly."""
+        self._lifecycle.run_until_signal("stopping")
+
+    # --- requests -----------------------------------------------------------------------
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        from aiohttp import web
+
+        try:
+            path = request.path.rstrip("/")
+            if path == "/health":
+                return web.json_response(self._health(request))
+            if not path.startswith("/v1/"):
+                raise _Reject(404, f"unknown path {request.path!r}", code="not_found")
+            self._check_key(request)
+            endpoint = path[4:]
+            if endpoint in ("chat/completions", "completions"):
+                if request.method != "POST":
+                    raise _Reject(405, f"{path} takes POST, not {request.method}", code="method")
+                return await self._completion(request, endpoint == "chat/completions")
+            if endpoint == "models" or endpoint.startswith("models/"):
+                if request.method != "GET":
+                    raise _Reject(405, f"{path} takes GET, not {request.method}", code="method")
+                return self._models(endpoint[len("models/") :] if "/" in endpoint else None)
+            raise _Reject(404, f"unknown path {request.path!r}", code="not_found")
+        except _Reject as exc:
+            return error_response(exc)
+        except RequestError as exc:
+            return error_response(_reject_from(exc))
+        except ConnectionError as exc:  # the client hung up (mid-body, say): not a bug
+            log.info("client hung up during %s %s (%s)", request.method, request.path, exc)
+            return error_response(_Reject(400, "the client hung up", code="client_gone"))
+        except Exception:  # a bug: the client still gets an OpenAI-style answer
+            log.exception("server error on %s %s", request.method, request.path)
+            return error_response(
+                _Reject(500, "internal error in simtune serve", type_="server_error")
+            )
+
+    def _check_key(self, request: web.Request) -> None:
+        check_api_key(
+            request.headers,
+            self._key,
+            "missing or wrong API key (send Authorization: Bearer KEY)",
+        )
+
+    def _health(self, request: web.Request) -> dict[str, Any]:
+        """``{"status": "ok"}`` for anyone; the served names only with the key (when set)."""
+        try:
+            self._check_key(request)
+        except _Reject:
+            return {"status": "ok"}
+        return {"status": "ok", "models": self.engine.names}
+
+    def _model_card(self, name: str) -> dict[str, Any]:
+        s = self.engine.served[name]
+        return {
+            "id": name,
+            "object": "model",
+            "created": self._created,
+            "owned_by": "simtune",
+            "root": s.base_model,
+            "parent": None if s.adapter_dir is None else BASE_NAME,
+        }
+
+    def _models(self, one: str | None) -> web.Response:
+        from aiohttp import web
+
+        if one is None:
+            data = [self._model_card(n) for n in self.engine.names]
+            return web.json_response({"object": "list", "data": data})
+        if one not in self.engine.served:
+            raise _Reject(
+                404, f"the model {one!r} is not served here", param="model", code="model_not_found"
+            )
+        return web.json_response(self._model_card(one))
+
+    async def _completion(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        from aiohttp import web
+
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise _Reject(413, "request body over 16 MiB", code="request_too_large")
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _Reject(413, "request body over 16 MiB", code="request_too_large") from None
+        p = _parse(parse_body(raw), chat)
+        if p.model not in self.engine.served:
+            raise _Reject(
+                404,
+                f"the model {p.model!r} is not served here; served: {', '.join(self.engine.names)}",
+                param="model",
+                code="model_not_found",
+            )
+        loop = asyncio.get_running_loop()
+        sinks = [_AsyncSink(loop, p.stream) for _ in p.prompts]
+        # Tokenize (and refuse a bad prompt) before queueing any; submit takes the ids.
+        # Off the event loop: a long prompt takes seconds, and other clients are waiting.
+        encoded = await loop.run_in_executor(
+            None, lambda: [self.engine.encode(p.model, prompt) for prompt in p.prompts]
+        )
+        reqs = [
+            self.engine.submit(
+                p.model,
+                prompt,
+                sink,
+                max_tokens=p.max_tokens,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                stop=p.stop,
+            )
+            for prompt, sink in zip(encoded, sinks, strict=True)
+        ]
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if p.stream:
+            return await self._stream(request, chat, p, rid, reqs[0], sinks[0])
+        results: list[Generation] = []
+        try:
+            for sink in sinks:
+                while True:
+                    try:
+                        kind, value = await asyncio.wait_for(sink.queue.get(), timeout=0.5)
+                    except TimeoutError:
+                        if request.transport is None or request.transport.is_closing():
+                            raise ConnectionResetError from None  # client gone: free the rows
+                        continue
+                    if kind == "error":
+                        raise value
+                    if kind == "done":
+                        results.append(value)
+                        break
+        except ConnectionResetError:
+            for r in reqs:
+                self.engine.cancel(r)
+            log.debug("client disconnected before its answer; request abandoned")
+            return web.Response(status=499)
+        except RequestError as exc:
+            for r in reqs:
+                self.engine.cancel(r)
+            raise _reject_from(exc) from None
+        except BaseException:
+            for r in reqs:
+                self.engine.cancel(r)
+            raise
+        choices = []
+        for i, g in enumerate(results):
+            choice: dict[str, Any] = {
+                "index": i,
+                "finish_reason": g.finish_reason,
+                "logprobs": None,
+            }
+            if chat:
+                choice["message"] = {"role": "assistant", "content": g.text}
+            else:
+                choice["text"] = g.text
+            choices.append(choice)
+        prompt_tokens = sum(g.prompt_tokens for g in results)
+        completion_tokens = sum(g.completion_tokens for g in results)
+        return web.json_response(
+            {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": p.model,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
+    async def _stream(
+        self,
+        request: web.Request,
+        chat: bool,
+        p: _Params,
+        rid: str,
+        req: EngineRequest,
+        sink: _AsyncSink,
+    ) -> web.StreamResponse:
+        from aiohttp import web
+
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(text: str | None, finish: str | None, first: bool = False) -> bytes:
+            if chat:
+                delta: dict[str, Any] = {}
+                if first:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                choice: dict[str, Any] = {"index": 0, "delta": delta}
+            else:
+                choice = {"index": 0, "text": text or ""}
+            choice.update(finish_reason=finish, logprobs=None)
+            payload = {"id": rid, "object": obj, "created": created, "model": p.model}
+            payload["choices"] = [choice]
+            return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        try:
+            await resp.prepare(request)
+            if chat:
+                await resp.write(chunk("", None, first=True))
+            while True:
+                kind, value = await sink.queue.get()
+                if kind == "text":
+                    await resp.write(chunk(value, None))
+                    continue
+                if kind == "error":
+                    exc = value
+                    err = (
+                        error_body(exc.message, type_="invalid_request_error", code=exc.code)
+                        if isinstance(exc, RequestError)
+                        else error_body("generation failed in simtune serve", type_="server_error")
+                    )
+                    await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+                    break
+                gen: Generation = value
+                await resp.write(chunk(None if chat else "", gen.finish_reason))
+                if p.include_usage:
+                    usage = {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": p.model,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": gen.prompt_tokens,
+                            "completion_tokens": gen.completion_tokens,
+                            "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+                        },
+                    }
+                    await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
+                await resp.write(b"data: [DONE]\n\n")
+                break
+            await resp.write_eof()
+        except ConnectionError:
+            # The client hung up: free its batch row; everyone else carries on.
+            self.engine.cancel(req)
+            log.debug("client disconnected mid-stream; request abandoned")
+        except asyncio.CancelledError:  # server shutting down
+            self.engine.cancel(req)
+            raise
+        return resp
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail in milliseconds, before a model is loaded, when the port is taken."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
+
+
+def serve(
+    models: Sequence[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    api_key: str | None = None,
+    backend: str = "auto",
+    workspace: str | Path | None = None,
+    tracking_uri: str | None = None,
+    device: str | None = None,
+    precision: str = "auto",
+    max_batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    trust_remote_code: bool = False,
+    served_model_names: Sequence[str] = (),
+) -> None:
+    """`simtune serve`: resolve, check the port, load, serve until SIGINT/SIGTERM.
+    `served_model_names` (``--served-model-name``, as in vLLM) are more names for the
+    first ``--model``."""
+    if max_batch_size < 1:
+        raise ConfigError(f"--max-batch-size must be at least 1, got {max_batch_size}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port must be in 0..65535, got {port}")
+    chosen = choose_backend(backend)
+    served = resolve_all(models, workspace=workspace, tracking_uri=tracking_uri)
+    aliases = alias_map(served, models, served_model_names, workspace, tracking_uri)
+    check_port_free(host, port)
+    if chosen == "vllm":
+        cmd = vllm_command(
+            served,
+            host=host,
+            port=port,
+            max_batch_size=max_batch_size,
+            trust_remote_code=trust_remote_code,
+        )
+        for alias, target in aliases.items():
+            if target == BASE_NAME:
+                cmd.insert(cmd.index("--served-model-name") + 2, alias)
+            else:
+                cmd += ["--lora-modules", f"{alias}={served[target].adapter_dir}"]
+        run_vllm(cmd, vllm_env(api_key, device, dict(os.environ)))
+        return
+    engine = Engine._load_resolved(
+        served,
+        device=device,
+        precision=precision,
+        max_batch_size=max_batch_size,
+        max_new_tokens=max_new_tokens,
+        trust_remote_code=trust_remote_code,
+    )
+    engine.add_aliases(aliases)
+    try:
+        Server(engine, host=host, port=port, api_key=api_key).serve_forever()
+    finally:
+        engine.close()
