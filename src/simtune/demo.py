@@ -34,7 +34,6 @@ tiny random model of ``--quick`` learns the format only. README.md has the table
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -61,6 +60,7 @@ from simtune.loop import (
     simulate,
     tune,
 )
+from simtune.util import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -316,5 +316,5 @@ def run_demo(
         },
         seconds=round(time.perf_counter() - started, 2),
     )
-    (ws / "demo_result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    write_json_atomic(ws / "demo_result.json", result.to_dict())
     return result

@@ -17,7 +17,6 @@ embedded MLflow store.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 from simtune.base_models import ensure_demo_model
 from simtune.config import resolve_workspace
 from simtune.errors import ConfigError
+from simtune.util import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -680,5 +680,5 @@ def run_loop(
         rounds=done,
         seconds=round(time.perf_counter() - started, 2),
     )
-    (ws / "loop_result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    write_json_atomic(ws / "loop_result.json", result.to_dict())
     return result

@@ -1,17 +1,22 @@
 """Small mechanisms every part uses, each written once: atomic file writes, safe names,
-the first line of an error, and loading a user's ``module:attr`` / ``file.py:attr``.
+the first line of an error, stop signals routed to a handler, and loading a user's
+``module:attr`` / ``file.py:attr``.
 
 Nothing heavy is imported here (the CLI imports it on every start)."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +137,22 @@ def _import_module(target: str, spec: str, flag: str) -> Any:
         raise ConfigError(
             f"{flag}: importing {target!r} failed: {type(exc).__name__}: {exc}"
         ) from None
+
+
+@contextlib.contextmanager
+def on_stop_signals(handler: Callable[[int, Any], None]) -> Iterator[bool]:
+    """Send SIGINT and SIGTERM to `handler` while the block runs, then restore the
+    previous handlers. Yields whether the handler was installed: Python sets signal
+    handlers from the main thread only, so elsewhere the block runs without it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield True
+    finally:
+        for s, h in previous.items():
+            if h is not None:  # None: set outside Python; cannot be restored
+                signal.signal(s, h)

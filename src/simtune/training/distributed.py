@@ -103,7 +103,7 @@ def stop_on_signal(sync: Callable[[bool], bool] | None = None) -> Iterator[StopR
     """Turn SIGTERM/SIGINT into a stop request for the duration of training, instead of
     an exception raised wherever the interpreter happens to be (mid optimizer step,
     mid checkpoint write). A second signal raises at once: the user insists."""
-    from simtune.signals import on_stop_signals
+    from simtune.util import on_stop_signals
 
     stop = StopRequest(sync)
 

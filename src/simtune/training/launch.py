@@ -34,8 +34,7 @@ from typing import Any
 
 from simtune.config import TuningConfig
 from simtune.errors import SimtuneError
-from simtune.signals import on_stop_signals
-from simtune.util import write_json_atomic
+from simtune.util import on_stop_signals, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,10 @@
 
 TRL >= 1.0 has no PPO that trains from a fixed log of (prompt, response, reward), which
 is what simulations produce, so simtune owns this compact one (maths in ppo_math.py).
-Read `train_ppo` top to bottom: `generate_trajectory` (rollout and scoring, no gradient)
--> `compute_advantages` -> `ppo_step` (the PPO epochs over minibatches) -> KL control and
-logging, with one typed `Trajectory` passed between them.
+Read `train_ppo` top to bottom: `setup_ppo` builds the job's state (`PPORun`), then each
+step is `rollout` (draw the batch, `generate_trajectory`: rollout and scoring, no
+gradient) -> `compute_advantages` -> `ppo_step` (the PPO epochs over minibatches) ->
+`step_metrics` (KL control and logging), with one typed `Trajectory` passed between them.
 
 Algorithm, per rollout batch of B = per_device_train_batch_size x
 gradient_accumulation_steps x num_mini_batches x processes samples:
@@ -110,7 +111,7 @@ import math
 import os
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -676,24 +677,41 @@ def ppo_step(
 # --- the recipe ----------------------------------------------------------------------------
 
 
-def train_ppo(
-    cfg: TuningConfig,
-    inputs: PPOInputs,
-    model: Any,
-    tokenizer: Any,
-    *,
-    log_metrics: Callable[[dict[str, float], int], None],
-    adapter_dir: str | None = None,
-    checkpoint_dir: Path | None = None,
-    resume_from: Path | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> tuple[dict[str, float], Any, Any]:
-    """Run PPO; returns (final metrics, trained PEFT policy, value head module).
+@dataclass
+class PPORun:
+    """Everything one PPO job carries from step to step (built by `setup_ppo`): the
+    prepared modules and optimizer, the KL controller and score normaliser, the shared
+    sample order and the metric history -- what a checkpoint saves."""
 
-    `adapter_dir` is the adapter training continues from (its value head too, if PPO
-    made it). With `checkpoint_dir`, a checkpoint is written there every `save_steps`
-    rollout steps and when `should_stop()` turns true (training then returns early);
-    `resume_from` continues from one (see `save_checkpoint`)."""
+    accelerator: Any
+    module: Any
+    """The policy-and-value module as `accelerator.prepare` returned it (DDP-wrapped in
+    a job of several processes)."""
+    inner: Any
+    """The same module unwrapped (what checkpoints read and write)."""
+    optimizer: Any
+    scheduler: Any
+    params: list[Any]
+    kl_ctl: Any
+    score_norm: Any
+    rng: random.Random
+    reference: str | None
+    """The frozen reference adapter's name (--ppo_reference init), else None (the base)."""
+    batch: int
+    """Samples per rollout, all processes together."""
+    n_rollouts: int
+    order: list[int] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)
+    start: int = 0
+
+    @property
+    def world(self) -> int:
+        return int(self.accelerator.num_processes)
+
+
+def setup_ppo(cfg: TuningConfig, model: Any, n_samples: int, adapter_dir: str | None) -> PPORun:
+    """Accelerator, policy + value head (+ reference adapter), AdamW and its schedule,
+    KL controller and score normaliser, sized for `n_samples` training samples."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -709,7 +727,7 @@ def train_ppo(
     # LoRA init is what DDP broadcasts); the sample order, from `rng`, is shared.
     set_seed(cfg.seed, device_specific=True)
     rng = random.Random(cfg.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     policy = make_policy(model, cfg)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
@@ -721,15 +739,13 @@ def train_ppo(
         f"the starting adapter {adapter_dir} (frozen copy)" if reference else "the base model",
     )
     module = _PolicyAndValue.build(policy, adapter_dir, reference)
-    samples = inputs.samples
     micro = cfg.per_device_train_batch_size
     mini = micro * cfg.gradient_accumulation_steps * world  # samples per optimizer step
     batch = mini * cfg.num_mini_batches  # samples per rollout, all processes together
-    share = batch // world
     n_rollouts = (
         cfg.max_steps
         if cfg.max_steps > 0
-        else max(1, math.ceil(cfg.num_train_epochs * len(samples) / batch))
+        else max(1, math.ceil(cfg.num_train_epochs * n_samples / batch))
     )
     total_updates = n_rollouts * cfg.ppo_epochs * cfg.num_mini_batches
     fp32_trainable(module)  # a bf16 base: LoRA, value head and AdamW state stay fp32
@@ -751,116 +767,166 @@ def train_ppo(
     )
     # Offline scores were normalised over the whole dataset already (build_samples).
     score_norm = pm.RunningScoreNorm(cfg.score_normalization if cfg.rollout == "online" else "none")
+    return PPORun(
+        accelerator=accelerator,
+        module=module,
+        inner=inner,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        params=params,
+        kl_ctl=kl_ctl,
+        score_norm=score_norm,
+        rng=rng,
+        reference=reference,
+        batch=batch,
+        n_rollouts=n_rollouts,
+    )
 
-    order: list[int] = []
-    history: list[dict[str, float]] = []
-    start = 0
+
+def rollout(run: PPORun, cfg: TuningConfig, inputs: PPOInputs, tokenizer: Any) -> Trajectory:
+    """Steps 1-2: draw the next batch of samples (the same on every process), roll out
+    this process's share, gather the shares and normalise the scores."""
+    picked = []
+    while len(picked) < run.batch:
+        if not run.order:
+            run.order = list(range(len(inputs.samples)))
+            run.rng.shuffle(run.order)
+        picked.append(inputs.samples[run.order.pop()])
+    share = run.batch // run.world
+    rank = run.accelerator.process_index
+    traj = generate_trajectory(
+        run.module,
+        run.inner.policy,
+        picked[rank * share : (rank + 1) * share],
+        cfg,
+        inputs,
+        tokenizer,
+        run.accelerator.device,
+        run.accelerator.autocast,
+    )
+    if run.world > 1:
+        traj = _gather_trajectory(run.accelerator, traj, tokenizer.pad_token_id)
+    run.score_norm.update(traj.raw_scores)
+    traj.scores = run.score_norm(traj.raw_scores)
+    return traj
+
+
+def step_metrics(
+    run: PPORun, traj: Trajectory, kl: Any, losses: dict[str, float]
+) -> dict[str, float]:
+    """Step 5: update the KL controller with this rollout's KL; the step's metrics."""
+    import torch
+
+    from simtune.training import ppo_math as pm
+
+    acc = run.accelerator
+    if run.world > 1:  # every process ran as many micro-batches: the mean of means
+        means = acc.reduce(torch.tensor(list(losses.values()), device=acc.device), "mean")
+        losses = dict(zip(losses, means.tolist(), strict=True))
+    mask = traj.response_mask
+    seq_kl = float((kl * mask).sum(dim=1).mean())
+    run.kl_ctl.update(seq_kl, run.batch)
+    return {
+        "ppo/score_mean": float(traj.raw_scores.mean()),
+        "ppo/score_std": float(traj.raw_scores.std()) if run.batch > 1 else 0.0,
+        "ppo/kl": seq_kl,
+        "ppo/kl_coef": float(run.kl_ctl.value),
+        "ppo/entropy": float(pm.masked_mean(traj.entropy, mask)),
+        "ppo/returns_mean": float(pm.masked_mean(traj.returns, mask)),
+        "ppo/response_length": float(mask.sum(dim=1).float().mean()),
+        "train/learning_rate": float(run.scheduler.get_last_lr()[0]),
+        **{f"ppo/{k}": v for k, v in losses.items()},
+    }
+
+
+def train_ppo(
+    cfg: TuningConfig,
+    inputs: PPOInputs,
+    model: Any,
+    tokenizer: Any,
+    *,
+    log_metrics: Callable[[dict[str, float], int], None],
+    adapter_dir: str | None = None,
+    checkpoint_dir: Path | None = None,
+    resume_from: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[dict[str, float], Any, Any]:
+    """Run PPO; returns (final metrics, trained PEFT policy, value head module).
+
+    `adapter_dir` is the adapter training continues from (its value head too, if PPO
+    made it). With `checkpoint_dir`, a checkpoint is written there every `save_steps`
+    rollout steps and when `should_stop()` turns true (training then returns early);
+    `resume_from` continues from one (see `save_checkpoint`)."""
+    import torch
+
+    run = setup_ppo(cfg, model, len(inputs.samples), adapter_dir)
+    acc = run.accelerator
     if resume_from is not None:
-        start, order, history = load_checkpoint(
-            Path(resume_from), inner, optimizer, scheduler, kl_ctl, rng, score_norm=score_norm
+        run.start, run.order, run.history = load_checkpoint(
+            Path(resume_from),
+            run.inner,
+            run.optimizer,
+            run.scheduler,
+            run.kl_ctl,
+            run.rng,
+            score_norm=run.score_norm,
         )
-    progress = _progress(n_rollouts, accelerator.is_main_process)
-    if progress is not None and start:
-        progress.update(start)
-    for step in range(start + 1, n_rollouts + 1):
-        # --- 1-2. rollout and scoring ------------------------------------------------
-        picked = []
-        while len(picked) < batch:
-            if not order:
-                order = list(range(len(samples)))
-                rng.shuffle(order)
-            picked.append(samples[order.pop()])
-        # Every process drew the same `picked` (same `rng`); each rolls out its share.
-        mine = picked[rank * share : (rank + 1) * share]
-        traj = generate_trajectory(
-            module,
-            inner.policy,
-            mine,
-            cfg,
-            inputs,
-            tokenizer,
-            accelerator.device,
-            accelerator.autocast,
-        )
-        if world > 1:
-            traj = _gather_trajectory(accelerator, traj, tokenizer.pad_token_id)
-        score_norm.update(traj.raw_scores)
-        traj.scores = score_norm(traj.raw_scores)
-
-        # --- 3. rewards and advantages -------------------------------------------------
-        with torch.no_grad():
-            _, kl = compute_advantages(traj, kl_ctl.value, cfg)
-
-        # --- 4. PPO epochs over minibatches --------------------------------------------
-        losses = ppo_step(
-            module,
+    progress = _progress(run.n_rollouts, acc.is_main_process)
+    if progress is not None and run.start:
+        progress.update(run.start)
+    for step in range(run.start + 1, run.n_rollouts + 1):
+        traj = rollout(run, cfg, inputs, tokenizer)  # 1-2. rollout and scoring
+        with torch.no_grad():  # 3. rewards and advantages
+            _, kl = compute_advantages(traj, run.kl_ctl.value, cfg)
+        losses = ppo_step(  # 4. PPO epochs over minibatches
+            run.module,
             traj,
             cfg,
-            accelerator=accelerator,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            params=params,
-            rng=rng,
+            accelerator=acc,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            params=run.params,
+            rng=run.rng,
         )
-
-        # --- 5. KL control and logging -------------------------------------------------
-        if world > 1:  # every process ran as many micro-batches: the mean of means
-            means = accelerator.reduce(
-                torch.tensor(list(losses.values()), device=accelerator.device), "mean"
-            )
-            losses = dict(zip(losses, means.tolist(), strict=True))
-        mask = traj.response_mask
-        seq_kl = float((kl * mask).sum(dim=1).mean())
-        kl_ctl.update(seq_kl, batch)
-        record = {
-            "ppo/score_mean": float(traj.raw_scores.mean()),
-            "ppo/score_std": float(traj.raw_scores.std()) if batch > 1 else 0.0,
-            "ppo/kl": seq_kl,
-            "ppo/kl_coef": float(kl_ctl.value),
-            "ppo/entropy": float(pm.masked_mean(traj.entropy, mask)),
-            "ppo/returns_mean": float(pm.masked_mean(traj.returns, mask)),
-            "ppo/response_length": float(mask.sum(dim=1).float().mean()),
-            "train/learning_rate": float(scheduler.get_last_lr()[0]),
-            **{f"ppo/{k}": v for k, v in losses.items()},
-        }
-        history.append(record)
-        if accelerator.is_main_process and (step % cfg.logging_steps == 0 or step == n_rollouts):
+        record = step_metrics(run, traj, kl, losses)  # 5. KL control and logging
+        run.history.append(record)
+        if acc.is_main_process and (step % cfg.logging_steps == 0 or step == run.n_rollouts):
             log_metrics(record, step)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(
-                score=f"{record['ppo/score_mean']:.3f}", kl=f"{seq_kl:.3f}", refresh=False
+                score=f"{record['ppo/score_mean']:.3f}", kl=f"{record['ppo/kl']:.3f}", refresh=False
             )
         stopping = should_stop is not None and should_stop()
         periodic = cfg.save_steps > 0 and step % cfg.save_steps == 0
         if checkpoint_dir is not None and (stopping or periodic):
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
+            acc.wait_for_everyone()
+            if acc.is_main_process:
                 save_checkpoint(
                     Path(checkpoint_dir),
                     step,
-                    inner,
-                    optimizer,
-                    scheduler,
-                    kl_ctl,
-                    rng,
-                    order,
-                    history,
-                    score_norm=score_norm,
+                    run.inner,
+                    run.optimizer,
+                    run.scheduler,
+                    run.kl_ctl,
+                    run.rng,
+                    run.order,
+                    run.history,
+                    score_norm=run.score_norm,
                 )
         if stopping:
             break
     if progress is not None:
         progress.close()
-    if inputs.reward_source is not None and accelerator.is_main_process:
+    if inputs.reward_source is not None and acc.is_main_process:
         log_metrics(
             {f"reward_source/{k}": float(v) for k, v in inputs.reward_source.stats().items()},
-            n_rollouts,
+            run.n_rollouts,
         )
-    trained = accelerator.unwrap_model(module).policy
-    if reference is not None:
-        trained.delete_adapter(reference)  # save_pretrained would save it too
-    return summary_metrics(history, n_rollouts), trained, inner.v_head
+    trained = acc.unwrap_model(run.module).policy
+    if run.reference is not None:
+        trained.delete_adapter(run.reference)  # save_pretrained would save it too
+    return summary_metrics(run.history, run.n_rollouts), trained, run.inner.v_head
 
 
 def summary_metrics(history: list[dict[str, float]], n_rollouts: int) -> dict[str, float]:

@@ -27,9 +27,10 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from simtune.config import TuningConfig, build_config
 from simtune.errors import ConfigError, DataError
@@ -43,6 +44,10 @@ from simtune.training.job import (
     write_job,
 )
 from simtune.training.publication import INTENT_FILE, fault_point, recover_workspace, write_intent
+
+if TYPE_CHECKING:
+    from simtune.decisions.reader import Selection
+    from simtune.training.model import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +115,10 @@ def run_tuning(
     dist = Distributed.start()
 
     # --- 1. inputs, cheapest first --------------------------------------------------
-    stats, selection, spec, job, checkpoint, final_dir, tracking_uri = _check_inputs(cfg, workspace)
+    inputs = _check_inputs(cfg, workspace)
+    stats, selection, spec = inputs.stats, inputs.selection, inputs.spec
+    job, checkpoint, final_dir = inputs.job, inputs.checkpoint, inputs.final_dir
+    tracking_uri = inputs.tracking_uri
     model_id = str(job["model_id"]) if job else new_model_id(cfg.tuning_mode, spec.base_name)
     # Every process must train into the same job dir (checkpoints, resume): rank 0's id.
     model_id = dist.broadcast(model_id)
@@ -281,7 +289,26 @@ def run_tuning(
     return result
 
 
-def _check_inputs(cfg: TuningConfig, workspace: Path) -> tuple[Any, ...]:
+@dataclass
+class JobInputs:
+    """What `_check_inputs` established about a job before anything is written."""
+
+    stats: dict[str, Any]
+    """Dataset statistics (`decisions.describe`), logged to MLflow and simtune.json."""
+    selection: Selection
+    """The decisions kept by the filters."""
+    spec: ModelSpec
+    """The resolved base model / starting adapter."""
+    job: dict[str, Any] | None
+    """job.json of the job being resumed, or None for a fresh job."""
+    checkpoint: Path | None
+    """The checkpoint to resume from, or None."""
+    final_dir: Path | None
+    """--output_dir resolved (None: models/<model_id>, known once the id is)."""
+    tracking_uri: str
+
+
+def _check_inputs(cfg: TuningConfig, workspace: Path) -> JobInputs:
     """Every check on the user's input that needs no model weights, cheapest first:
     dataset, filters, model path, resume target, output dir, tracking server. Returns
     (stats, selection, model spec, job to resume, its checkpoint, output dir or None
@@ -331,7 +358,7 @@ def _check_inputs(cfg: TuningConfig, workspace: Path) -> tuple[Any, ...]:
         raise ConfigError(f"--output_dir: {final_dir} already exists; choose another")
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri, workspace)
     check_reachable(tracking_uri)
-    return stats, selection, spec, job, checkpoint, final_dir, tracking_uri
+    return JobInputs(stats, selection, spec, job, checkpoint, final_dir, tracking_uri)
 
 
 def _prepare(
