@@ -9,7 +9,6 @@ exit 2; nothing heavy is imported until a command runs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -18,26 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from simtune.config import (
-    TUNING_MODES,
-    TuningConfig,
-    base_type,
-    field_docs,
-    field_types,
-    resolve_workspace,
-)
+from simtune.config import TuningConfig, add_cli_args, config_parts, resolve_workspace
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-
-GROUPS = {
-    "job": ("tuning_mode", "trust_remote_code"),
-    "several processes": ("nproc", "deepspeed"),
-    "data": ("min_rating", "agent_types"),
-    "optimisation": ("learning_rate", "padding_free"),
-    "LoRA": ("lora_r", "lora_target_modules"),
-    "PPO and reward": ("rollout", "top_p"),
-}
 
 
 class Parser(argparse.ArgumentParser):
@@ -54,34 +37,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    docs, types = field_docs(), field_types()
-    defaults = TuningConfig()
-    names = [f.name for f in dataclasses.fields(TuningConfig)]
-    group: Any = p
-    starts = {first: title for title, (first, _last) in GROUPS.items()}
-    for name in names:
-        if name in starts:
-            group = p.add_argument_group(starts[name] + " options")
-        tp, is_list = base_type(types[name])
-        default = getattr(defaults, name)
-        shown = (",".join(default) or "none") if isinstance(default, list) else default
-        doc = docs.get(name, "")
-        help_text = doc if "(default" in doc else f"{doc} (default: {shown})"
-        flags = [f"--{name}"]
-        if "_" in name:
-            flags.append("--" + name.replace("_", "-"))
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if tp is bool:
-            kwargs.update(nargs="?", const="true", metavar="BOOL")
-        elif is_list:
-            kwargs.update(
-                nargs="+", metavar=name.upper().rstrip("S") if name != "dataset_path" else "PATH"
-            )
-        elif name == "tuning_mode":
-            kwargs.update(metavar="{" + ",".join(TUNING_MODES) + "}")
-        else:
-            kwargs.update(metavar={"str": "VALUE"}.get(tp.__name__, tp.__name__.upper()))
-        group.add_argument(*flags, **kwargs)
+    """One flag group per args class `TuningConfig` is made of, in field order."""
+    for part in config_parts(TuningConfig):
+        add_cli_args(p, part, style="config")
 
 
 def build_parser() -> Parser:
