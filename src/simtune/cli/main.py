@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from simtune.config import TuningConfig, add_cli_args, config_parts, resolve_workspace
+from simtune.config import TuningConfig, add_config_args, resolve_workspace
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -38,8 +38,7 @@ class Parser(argparse.ArgumentParser):
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
     """One flag group per args class `TuningConfig` is made of, in field order."""
-    for part in config_parts(TuningConfig):
-        add_cli_args(p, part, style="config")
+    add_config_args(p, TuningConfig)
 
 
 def build_parser() -> Parser:

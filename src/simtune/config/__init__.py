@@ -20,7 +20,7 @@ from simtune.config.checks import (
     positive_int_problem,
     raise_problems,
 )
-from simtune.config.cli_args import add_cli_args, config_parts, namespace_to
+from simtune.config.cli_args import add_cli_args, add_config_args, config_parts, namespace_to
 from simtune.config.data import FILTERS, DataArgs
 from simtune.config.fields import (
     arg,
@@ -64,6 +64,7 @@ __all__ = [
     "PPOArgs",
     "TuningConfig",
     "add_cli_args",
+    "add_config_args",
     "arg",
     "base_type",
     "build_config",

@@ -12,7 +12,9 @@ what argparse needs beyond that sits in the field's metadata (`simtune.config.ar
   in `add_argument`; ``env``: the default is this environment variable (read when the
   parser is built); ``group``: a titled sub-group; ``exclusive``: the title of a
   required mutually exclusive group ("" for an untitled, optional one).
-- help may say ``{default}`` and ``{env}``.
+- help may say ``{default}`` and ``{env}``. ``help`` in metadata replaces the docstring,
+  for the few flags many commands share (`simtune.config.common.workspace_arg`): one
+  text, not one copy per class.
 
 Two styles: ``flags`` (the default: typed values, argparse defaults) and ``config``
 (`simtune train`: only flags given override the YAML file, so nothing has a default
@@ -82,14 +84,11 @@ def add_cli_args(
     fields: Iterable[str] | None = None,
     title: str | None = None,
 ) -> None:
-    """Add `cls`'s own fields (or the named ones, inherited too) to `parser` as flags,
-    in one group titled `title` or `cls.cli_group`."""
+    """Add `cls`'s fields (all, inherited ones first, or the named ones) to `parser` as
+    flags, in one group titled `title` or `cls.cli_group`."""
     docs, types = field_docs(cls), field_types(cls)
-    if fields is None:
-        chosen = own_fields(cls)
-    else:
-        by_name = {f.name: f for f in dataclasses.fields(cls)}
-        chosen = [by_name[n] for n in fields]
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    chosen = list(by_name.values()) if fields is None else [by_name[n] for n in fields]
     title = title if title is not None else cls.__dict__.get("cli_group")
     target = parser.add_argument_group(title) if title else parser
     subgroups: dict[str, Any] = {}
@@ -99,7 +98,7 @@ def add_cli_args(
         tp, is_list = base_type(types[f.name])
         default = _default(f)
         kwargs: dict[str, Any] = {k: meta[k] for k in _PASSED if k in meta}
-        kwargs["help"] = _help(docs.get(f.name, ""), f, default, style)
+        kwargs["help"] = _help(meta.get("help") or docs.get(f.name, ""), f, default, style)
         if style == "config":
             kwargs.update(dest=f.name, default=argparse.SUPPRESS)
             if tp is bool:
@@ -139,6 +138,12 @@ def add_cli_args(
         else:
             kwargs.setdefault("dest", f.name)
             group.add_argument(*option_strings(f), **kwargs)
+
+
+def add_config_args(parser: Any, cls: type) -> None:
+    """A composed config (`TuningConfig`): one group per part, in field order."""
+    for part in config_parts(cls):
+        add_cli_args(parser, part, style="config", fields=[f.name for f in own_fields(part)])
 
 
 def config_parts(cls: type) -> list[type]:
