@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from simtune.config import TuningConfig, add_config_args, resolve_workspace
+from simtune.config import TuningConfig, add_cli_args, add_config_args, resolve_workspace
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -49,7 +49,16 @@ def build_parser() -> Parser:
     )
     p.add_argument("--version", action="version", version=_version())
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    from simtune.cli.common import add_workspace_flag
+    from simtune.config.commands import (
+        JsonListArgs,
+        ModelIdArgs,
+        ModelsDeleteArgs,
+        ResultJsonArgs,
+        TinyModelArgs,
+        TrainFileArgs,
+        UiArgs,
+        WorkspaceArgs,
+    )
 
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
@@ -59,50 +68,32 @@ def build_parser() -> Parser:
         description="Train a LoRA adapter on decision logs; the run is logged to MLflow "
         "and the model registered. Flags accept snake_case and kebab-case.",
     )
-    t.add_argument(
-        "--config",
-        metavar="YAML",
-        help="YAML file of options (keys = option names); flags given here override it",
-    )
+    add_cli_args(t, TrainFileArgs)
     _add_config_flags(t)
-    t.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_cli_args(t, ResultJsonArgs)
 
     m = sub.add_parser("models", help="list, show or delete models in the local registry")
-    add_workspace_flag(m)
+    add_cli_args(m, WorkspaceArgs)
     msub = m.add_subparsers(
         dest="models_command", metavar="ACTION", parser_class=Parser, required=True
     )
-    ml = msub.add_parser("list", help="list registered models")
-    ml.add_argument("--json", action="store_true", help="print JSON")
-    ms = msub.add_parser("show", help="show one model's registry entry and simtune.json")
-    ms.add_argument("model_id")
-    md = msub.add_parser("delete", help="remove a model's registry entry and its directory")
-    md.add_argument("model_id")
-    md.add_argument("--keep-files", action="store_true", help="keep models/<model_id>/ on disk")
-
-    u = sub.add_parser("ui", help="open the MLflow UI on the workspace's store")
-    add_workspace_flag(u)
-    u.add_argument(
-        "--tracking_uri",
-        "--tracking-uri",
-        help="backend store (default: the workspace's mlflow.db)",
+    add_cli_args(msub.add_parser("list", help="list registered models"), JsonListArgs)
+    add_cli_args(
+        msub.add_parser("show", help="show one model's registry entry and simtune.json"),
+        ModelIdArgs,
     )
-    u.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)"
-    )
-    u.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
-    u.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="server worker processes (default: 1; MLflow's own default of 4 takes much "
-        "longer to start and one user needs one)",
+    add_cli_args(
+        msub.add_parser("delete", help="remove a model's registry entry and its directory"),
+        ModelsDeleteArgs,
     )
 
-    k = sub.add_parser(
-        "make-tiny-model", help="write a tiny random model + tokenizer for smoke tests"
+    add_cli_args(sub.add_parser("ui", help="open the MLflow UI on the workspace's store"), UiArgs)
+    add_cli_args(
+        sub.add_parser(
+            "make-tiny-model", help="write a tiny random model + tokenizer for smoke tests"
+        ),
+        TinyModelArgs,
     )
-    k.add_argument("dir", help="output directory")
 
     from simtune.cli import collect, data, demo, evaluate, serve, sims, sync
 

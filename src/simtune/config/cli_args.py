@@ -117,6 +117,7 @@ def add_cli_args(
                 kwargs["type"] = tp
             if is_list and action is None:
                 kwargs.setdefault("nargs", "+")
+                kwargs.setdefault("metavar", f.name.upper().rstrip("S"))
         group = target
         if "group" in meta:
             if meta["group"] not in subgroups:
@@ -132,8 +133,9 @@ def add_cli_args(
                 )
             group = exclusive[name]
         if meta.get("positional"):
-            if kwargs.get("default") is None:
-                kwargs.pop("default", None)  # argparse's own: [] for nargs="*"
+            # argparse's own defaults ([] for nargs="*"); one given would also make a
+            # "*" positional optional, which changes how it combines with others.
+            kwargs.pop("default", None)
             group.add_argument(f.name, **kwargs)
         else:
             kwargs.setdefault("dest", f.name)
