@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from simtune.errors import ConfigError
@@ -82,6 +82,12 @@ def positive_int(text: str) -> int:
     if not is_positive_int(value):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def each(check: Callable[[str, Any], str | None], obj: Any, names: Iterable[str]) -> list[str]:
+    """`check` applied to the fields `names` of `obj` (flag --<name>): their problems."""
+    found = (check(f"--{name}", getattr(obj, name)) for name in names)
+    return [p for p in found if p]
 
 
 def raise_problems(problems: Iterable[str | None]) -> None:

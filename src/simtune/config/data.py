@@ -44,7 +44,7 @@ class DataArgs:
     """Use at most this many training examples (a quick dry run on a subset)."""
 
     def problems(self) -> list[str]:
-        out = [checks.finite(f"--{n}", getattr(self, n)) for n in ("min_rating", "min_reward")]
+        out = checks.each(checks.finite, self, ("min_rating", "min_reward"))
         if self.max_samples is not None and self.max_samples <= 0:
             out.append(f"--max_samples: must be positive, got {self.max_samples!r}")
         return [p for p in out if p]

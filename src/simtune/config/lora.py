@@ -28,6 +28,8 @@ class LoraArgs:
     """Modules that get adapters: names such as q_proj v_proj, or 'all-linear'."""
 
     def problems(self) -> list[str]:
-        out = [checks.positive_number(f"--{n}", getattr(self, n)) for n in ("lora_r", "lora_alpha")]
+        out: list[str | None] = [
+            *checks.each(checks.positive_number, self, ("lora_r", "lora_alpha"))
+        ]
         out.append(checks.in_range("--lora_dropout", self.lora_dropout, 0, 1, closed=False))
         return [p for p in out if p]

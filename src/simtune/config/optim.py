@@ -101,16 +101,17 @@ class OptimArgs:
     def problems(self) -> list[str]:
         out = [
             checks.one_of("--lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULERS, "schedule"),
-            *(
-                checks.positive_number(f"--{n}", getattr(self, n))
-                for n in (
+            *checks.each(
+                checks.positive_number,
+                self,
+                (
                     "learning_rate",
                     "per_device_train_batch_size",
                     "gradient_accumulation_steps",
                     "max_length",
                     "logging_steps",
                     "max_grad_norm",
-                )
+                ),
             ),
         ]
         if self.max_steps == 0 or self.max_steps < -1:

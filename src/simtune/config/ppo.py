@@ -123,9 +123,10 @@ class PPOArgs:
                 ("ppo_reference", PPO_REFERENCES),
             )
         ]
-        out += [
-            checks.positive_number(f"--{n}", getattr(self, n))
-            for n in (
+        out += checks.each(
+            checks.positive_number,
+            self,
+            (
                 "ppo_epochs",
                 "num_mini_batches",
                 "max_new_tokens",
@@ -136,12 +137,9 @@ class PPOArgs:
                 "target_kl",
                 "cliprange",
                 "cliprange_value",
-            )
-        ]
-        out += [
-            checks.non_negative(f"--{n}", getattr(self, n))
-            for n in ("kl_coef", "vf_coef", "judge_max_retries")
-        ]
+            ),
+        )
+        out += checks.each(checks.non_negative, self, ("kl_coef", "vf_coef", "judge_max_retries"))
         out += [checks.in_range(f"--{n}", getattr(self, n), 0, 1) for n in ("gamma", "lam")]
         if isinstance(self.top_p, (int, float)) and self.top_p > 1.0:
             out.append(f"--top_p: must be in (0, 1], got {self.top_p!r}")
