@@ -402,6 +402,49 @@ def test_bad_learning_rate(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_every_bad_option_is_reported_at_once(tmp_path: Path) -> None:
+    """Options of different concerns (LoRA, optimisation, launch) that are all wrong:
+    one error listing each, one per line, exit 2, nothing written."""
+    proc = run_cli(
+        "train",
+        "--llm_path",
+        "m",
+        "--dataset_path",
+        str(SAMPLE),
+        "--lora_r",
+        "0",
+        "--seed",
+        "-1",
+        "--nnodes",
+        "0",
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "simtune: error: 3 problems:",
+        "  --nnodes: must be >= 1, got 0",
+        "  --seed: must be in [0, 2**32), got -1",
+        "  --lora_r: must be a positive number, got 0",
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_collects_every_concern() -> None:
+    with pytest.raises(ConfigError) as info:
+        TuningConfig(tuning_mode="dpo", llm_path=None, lora_dropout=1.0, gamma=2.0).validate()
+    problems = info.value.problems  # type: ignore[attr-defined]
+    assert problems == [
+        "--tuning_mode: unknown mode 'dpo' (choose from sft, ppo, reward)",
+        "--llm_path is required (a model directory, adapter or model id)",
+        "--dataset_path is required (one or more files or directories), or --env NAME "
+        "for <workspace>/envs/NAME/datasets",
+        "--lora_dropout: must be in [0, 1), got 1.0",
+        "--gamma: must be in [0, 1], got 2.0",
+    ]
+    assert str(info.value).splitlines()[1:] == [f"  {p}" for p in problems]
+
+
 def test_missing_dataset_path(tmp_path: Path) -> None:
     missing = tmp_path / "no" / "decisions.jsonl"
     proc = run_cli(

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from simtune.base_models import DEMO_SIM, REAL_MODEL_FILE, ensure_demo_model, find_real_model
+from simtune.config import check_positive_int
 from simtune.errors import ConfigError
 from simtune.loop import (
     COLLECT_SEED,
@@ -116,8 +117,7 @@ def run_demo(
         recipe = replace(REAL, size=QUICK.size)
     size = recipe.size
     if episodes is not None:
-        if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-            raise ConfigError(f"--episodes: expected a positive integer, got {episodes!r}")
+        check_positive_int("--episodes", episodes)
         size = replace(size, expert_episodes=episodes)
     rep = reporter or Reporter()
     ws = Path(workspace).resolve()

@@ -51,7 +51,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from simtune.config import resolve_workspace
+from simtune.config import check_positive_int, resolve_workspace
 from simtune.decisions.schema import unfence
 from simtune.errors import ConfigError, DataError
 
@@ -203,10 +203,10 @@ def evaluate(
             "give exactly one of --dataset_path (held-out decisions) or --sim (a simulation)"
             + (" , not both" if paths and sim else "")
         )
-    _positive("--max_tokens", max_tokens)
-    _positive("--batch_size", batch_size)
+    check_positive_int("--max_tokens", max_tokens)
+    check_positive_int("--batch_size", batch_size)
     if max_samples is not None:
-        _positive("--max_samples", max_samples)
+        check_positive_int("--max_samples", max_samples)
     if not isinstance(temperature, (int, float)) or temperature < 0:
         raise ConfigError(f"--temperature: expected a number >= 0, got {temperature!r}")
     if backend not in ("auto", "transformers"):
@@ -225,9 +225,9 @@ def evaluate(
         from simtune.sims import get_simulation
 
         get_simulation(sim)
-        _positive("--episodes", episodes)
+        check_positive_int("--episodes", episodes)
         if steps is not None:
-            _positive("--steps", steps)
+            check_positive_int("--steps", steps)
         if reward_fn or judge_url:
             raise ConfigError(
                 "--reward_fn / --judge_url score held-out decisions (--dataset_path); "
@@ -404,11 +404,6 @@ def _check_models(models: Sequence[str]) -> list[str]:
             "model's directory or id to evaluate it alone"
         )
     return specs
-
-
-def _positive(flag: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{flag}: expected a positive integer, got {value!r}")
 
 
 def _read_heldout(paths: list[str], max_samples: int | None) -> tuple[list[Any], dict[str, Any]]:

@@ -525,15 +525,14 @@ def run_loop(
     the loop sets the model, data, workspace and experiment itself.
     """
 
-    from simtune.config import build_config
+    from simtune.config import build_config, check_positive_int
 
-    for flag, value, low in (
-        ("--rounds", rounds, 1),
-        ("--episodes", episodes, 1),
-        ("--eval-episodes", eval_episodes, 1),
+    for flag, value in (
+        ("--rounds", rounds),
+        ("--episodes", episodes),
+        ("--eval-episodes", eval_episodes),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{flag}: expected a positive integer, got {value!r}")
+        check_positive_int(flag, value)
     if not (isinstance(temperature, (int, float)) and temperature >= 0):
         raise ConfigError(f"--temperature: expected a number >= 0, got {temperature!r}")
     name = resolve_sim(sim)

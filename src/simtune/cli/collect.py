@@ -9,10 +9,10 @@ command runs.
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
-from simtune.cli.common import add_listen_flags, add_workspace_flag
+from simtune.config import add_cli_args
+from simtune.config.proxy import CREDIT_RULES, DEFAULT_PORT, FSYNC_POLICIES, ProxyArgs
 
 PROXY_DESCRIPTION = """\
 Serve an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions,
@@ -36,12 +36,10 @@ field simtune_decision_id). Scores can be posted later:
 Upstream errors are passed through unchanged and not recorded. Stop with Ctrl-C or
 SIGTERM; the log is closed cleanly and every recorded decision is already on disk."""
 
-# Copies of simtune.collect.proxy.DEFAULT_PORT and simtune.decisions.writer's
-# FSYNC_POLICIES / CREDIT_RULES: importing those modules here would add ~40 ms to every
-# `simtune --help` (tests/test_proxy.py checks the copies still match).
-DEFAULT_PORT = 8100
-FSYNC_POLICIES = ("none", "always", "close")
-CREDIT_RULES = ("uniform", "last", "discounted")
+# DEFAULT_PORT, FSYNC_POLICIES and CREDIT_RULES are declared with ProxyArgs
+# (simtune.config.proxy), the one source of the proxy's defaults; re-exported here for
+# tests/test_proxy.py, which checks that simtune.collect.proxy's copy still matches.
+__all__ = ["CREDIT_RULES", "DEFAULT_PORT", "FSYNC_POLICIES", "register", "run"]
 
 PROXY_EPILOG = """\
 example:
@@ -64,98 +62,7 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # The subparser class is inherited from the parent's parser_class (one-line errors).
-    p.add_argument(
-        "--upstream",
-        required=True,
-        metavar="URL",
-        help="base URL of the OpenAI-compatible model server to forward to, e.g. "
-        "http://127.0.0.1:8000/v1 (vLLM); '/v1' is added when the URL has no path",
-    )
-    p.add_argument(
-        "--env",
-        required=True,
-        metavar="NAME",
-        help="simulation (env) name: decisions go to <workspace>/envs/NAME/datasets/",
-    )
-    add_listen_flags(p, default_port=DEFAULT_PORT, key_env="SIMTUNE_PROXY_API_KEY")
-    p.add_argument(
-        "--upstream-api-key",
-        "--upstream_api_key",
-        dest="upstream_api_key",
-        metavar="KEY",
-        default=os.environ.get("SIMTUNE_UPSTREAM_API_KEY"),
-        help="key sent to the upstream (default: $SIMTUNE_UPSTREAM_API_KEY; without one "
-        "the client's Authorization header is forwarded, unless it is --api-key)",
-    )
-    add_workspace_flag(p)
-    p.add_argument(
-        "--run-id",
-        "--run_id",
-        dest="run_id",
-        help="run id of calls that name none by header or path (default: a fresh "
-        "run-<utc>-<hex> per proxy start)",
-    )
-    p.add_argument(
-        "--fsync",
-        choices=FSYNC_POLICIES,
-        default="none",
-        help="none: a record survives the proxy being killed (default); always: also a "
-        "power cut (one disk flush per record); close: flush when the proxy stops",
-    )
-    p.add_argument(
-        "--credit",
-        choices=CREDIT_RULES,
-        default="uniform",
-        help="how an episode reward is spread over the episode's decisions: uniform "
-        "(R/n each, default), last (all to the last one), discounted (gamma^(n-1-i) R)",
-    )
-    p.add_argument(
-        "--gamma",
-        type=float,
-        default=0.9,
-        help="discount for --credit discounted (default: 0.9)",
-    )
-    p.add_argument(
-        "--max-body-mb",
-        "--max_body_mb",
-        dest="max_body_mb",
-        type=float,
-        default=16.0,
-        help="largest request body accepted, in MiB; larger ones get 413 (default: 16)",
-    )
-    p.add_argument(
-        "--timeout",
-        type=float,
-        default=600.0,
-        help="seconds the upstream may stay silent before the call fails with 504 "
-        "(default: 600; no limit on a whole generation or stream)",
-    )
-    p.add_argument(
-        "--skip-calls",
-        "--skip_calls",
-        dest="skip_calls",
-        action="append",
-        default=[],
-        metavar="[WHERE=]REGEX",
-        help="do not record calls matching REGEX (WHERE: system, prompt (default) or "
-        "output); repeatable. E.g. a simulation's planning or memory calls",
-    )
-    p.add_argument(
-        "--label-calls",
-        "--label_calls",
-        dest="label_calls",
-        action="append",
-        default=[],
-        metavar="NAME=[WHERE=]REGEX",
-        help="set metadata.call=NAME on recorded calls matching REGEX; repeatable",
-    )
-    p.add_argument(
-        "--require-output",
-        "--require_output",
-        dest="require_output",
-        metavar="REGEX",
-        help="record only answers matching REGEX (YuLan-OneSim's decisions: '```json')",
-    )
+    add_cli_args(p, ProxyArgs)
     p.set_defaults(handler=run)
 
 

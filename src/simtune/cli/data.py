@@ -21,7 +21,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from simtune.cli.common import add_workspace_flag
+from simtune.config import FILTERS, DataArgs, add_cli_args, namespace_to
+from simtune.config.datasets import (
+    DataInputs,
+    ExportArgs,
+    RateArgs,
+    SplitArgs,
+    StatsArgs,
+    ValidateArgs,
+)
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -35,49 +43,12 @@ never rewritten: `rate` appends rating events to a new log file in the dataset f
 `export` and `split` write new files atomically."""
 
 
-def _flag(*names: str) -> list[str]:
-    """`--held-out` also answers to `--held_out`, like the rest of the CLI."""
-    out: list[str] = []
-    for name in names:
-        out.append(name)
-        if name.startswith("--") and "-" in name[2:]:
-            out.append("--" + name[2:].replace("-", "_"))
-    return out
-
-
-def _add_inputs(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("input")
-    g.add_argument(
-        "paths",
-        nargs="*",
-        metavar="PATH",
-        help="dataset files or folders (decisions_*.json[l] inside folders, recursively)",
-    )
-    g.add_argument("--env", metavar="NAME", help="add <workspace>/envs/NAME/datasets")
-    add_workspace_flag(g)
+FILTERS_GROUP = "filters (as in `simtune train`)"
 
 
 def _add_filters(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("filters (as in `simtune train`)")
-    g.add_argument(
-        *_flag("--min-rating"), dest="min_rating", type=float, help="keep ratings >= this"
-    )
-    g.add_argument(
-        *_flag("--min-reward"), dest="min_reward", type=float, help="keep rewards >= this"
-    )
-    g.add_argument(
-        *_flag("--agent-types"),
-        dest="agent_types",
-        nargs="+",
-        metavar="TYPE",
-        help="keep only these agent types",
-    )
-    g.add_argument(
-        *_flag("--max-samples"),
-        dest="max_samples",
-        type=int,
-        help="keep at most this many (the first ones, in file order)",
-    )
+    """The training filters, declared once (`DataArgs`): the same flags as `simtune train`."""
+    add_cli_args(p, DataArgs, fields=FILTERS, title=FILTERS_GROUP)
 
 
 def register(sub: Any) -> None:
@@ -98,8 +69,8 @@ def register(sub: Any) -> None:
         "of a repeated decision id are merged in file order (later non-null fields win, "
         "a human rating is never replaced by an LLM one).",
     )
-    _add_inputs(s)
-    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_cli_args(s, DataInputs)
+    add_cli_args(s, StatsArgs)
     s.set_defaults(handler=run_stats)
 
     v = actions.add_parser(
@@ -111,8 +82,8 @@ def register(sub: Any) -> None:
         "line). A JSON-list file is checked up to its first structural error. Exit code: "
         "2 if there is any error, 0 otherwise (warnings alone pass).",
     )
-    _add_inputs(v)
-    v.add_argument("--json", action="store_true", help="print problems and counts as JSON")
+    add_cli_args(v, DataInputs)
+    add_cli_args(v, ValidateArgs)
     v.set_defaults(handler=run_validate)
 
     r = actions.add_parser(
@@ -129,78 +100,8 @@ def register(sub: Any) -> None:
         "selected decision was rated, 1 when some failed or were unparsable (rerun to "
         "retry them), 2 for bad input or an unreachable judge, 130 when interrupted.",
     )
-    _add_inputs(r)
-    j = r.add_argument_group("judge")
-    j.add_argument(
-        *_flag("--judge-url"),
-        dest="judge_url",
-        required=True,
-        metavar="URL",
-        help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1",
-    )
-    j.add_argument(
-        *_flag("--judge-model"),
-        dest="judge_model",
-        required=True,
-        metavar="NAME",
-        help="model name to ask",
-    )
-    j.add_argument(
-        *_flag("--api-key"),
-        dest="api_key",
-        help="API key (default: $SIMTUNE_JUDGE_API_KEY, else $OPENAI_API_KEY)",
-    )
-    j.add_argument(
-        "--threshold",
-        type=float,
-        default=4,
-        help="scores below this get a reason and an improved answer (default: 4)",
-    )
-    j.add_argument(
-        "--concurrency", type=int, default=4, help="requests in flight at once (default: 4)"
-    )
-    j.add_argument(
-        *_flag("--max-retries"),
-        dest="max_retries",
-        type=int,
-        default=3,
-        help="retries per request on 429, 5xx, timeouts and lost connections (default: 3)",
-    )
-    j.add_argument(
-        "--backoff",
-        type=float,
-        default=1.0,
-        help="first retry delay in seconds, doubled each retry; a Retry-After wins (default: 1)",
-    )
-    j.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default: 60)")
-    j.add_argument(
-        *_flag("--max-tokens"),
-        dest="max_tokens",
-        type=int,
-        default=1024,
-        help="max tokens per judge answer (default: 1024)",
-    )
-    w = r.add_argument_group("what to rate")
-    w.add_argument(
-        "--rerate",
-        action="store_true",
-        help="also re-rate decisions the judge rated before (never human-rated ones)",
-    )
-    w.add_argument("--limit", type=int, help="rate at most this many decisions in this run")
-    w.add_argument(
-        *_flag("--agent-types"),
-        dest="agent_types",
-        nargs="+",
-        metavar="TYPE",
-        help="rate only these agent types",
-    )
-    w.add_argument(
-        "--out",
-        metavar="DIR",
-        help="folder for the new rating log (default: the first dataset folder, or the "
-        "folder of the first dataset file)",
-    )
-    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_cli_args(r, DataInputs)
+    add_cli_args(r, RateArgs)
     r.set_defaults(handler=run_rate)
 
     e = actions.add_parser(
@@ -213,14 +114,8 @@ def register(sub: Any) -> None:
         "read back by simtune as the same decisions. The file is written atomically and "
         "an existing one is only replaced with --force.",
     )
-    _add_inputs(e)
-    e.add_argument("-o", "--output", required=True, metavar="FILE", help="file to write")
-    e.add_argument(
-        "--format",
-        choices=("seed", "jsonl"),
-        help="output format (default: seed when FILE ends in .json, else jsonl)",
-    )
-    e.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    add_cli_args(e, DataInputs)
+    add_cli_args(e, ExportArgs)
     _add_filters(e)
     e.set_defaults(handler=run_export)
 
@@ -233,20 +128,8 @@ def register(sub: Any) -> None:
         "never moves an existing group; --held-out is the chance of each group landing "
         "there, not an exact share. An empty side is an error.",
     )
-    _add_inputs(t)
-    t.add_argument("--out", required=True, metavar="DIR", help="folder for the two files")
-    t.add_argument(
-        "--by", choices=("run", "agent"), default="run", help="what stays together (default: run)"
-    )
-    t.add_argument(
-        *_flag("--held-out"),
-        dest="held_out",
-        type=float,
-        default=0.2,
-        help="fraction of groups held out (default: 0.2)",
-    )
-    t.add_argument("--seed", type=int, default=0, help="hash seed (default: 0)")
-    t.add_argument("--force", action="store_true", help="replace existing files in DIR")
+    add_cli_args(t, DataInputs)
+    add_cli_args(t, SplitArgs)
     _add_filters(t)
     t.set_defaults(handler=run_split)
 
@@ -276,18 +159,13 @@ def _dropped(dropped: dict[str, int]) -> str:
 
 
 def _filters(args: argparse.Namespace) -> Any:
-    """The training filters (as in `simtune train`), applied one decision at a time."""
-    from simtune.decisions.curate import Filters
-    from simtune.errors import ConfigError
+    """The training filters (as in `simtune train`, checked by the same `DataArgs`),
+    applied one decision at a time."""
+    from simtune.config import raise_problems
 
-    if args.max_samples is not None and args.max_samples < 1:
-        raise ConfigError(f"--max-samples: expected at least 1, got {args.max_samples}")
-    return Filters(
-        min_rating=args.min_rating,
-        min_reward=args.min_reward,
-        agent_types=args.agent_types,
-        max_samples=args.max_samples,
-    )
+    options = namespace_to(DataArgs, args)
+    raise_problems(options.problems())
+    return options.filters()
 
 
 @contextlib.contextmanager

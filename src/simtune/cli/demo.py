@@ -13,16 +13,8 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-
-def _positive(text: str) -> int:
-    """argparse type: a positive integer (a usage error, exit 2, before any work)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+from simtune.config import add_cli_args
+from simtune.config.commands import DemoArgs, LoopArgs
 
 
 def register(sub: Any) -> None:
@@ -39,30 +31,7 @@ def register(sub: Any) -> None:
         "random model, ~1 minute); everything lands in the workspace's MLflow store and model "
         "registry.",
     )
-    d.add_argument(
-        "--workspace", default="demo-workspace", help="workspace to use (default: ./demo-workspace)"
-    )
-    d.add_argument(
-        "--quick",
-        action="store_true",
-        help="the tiny random model and fewer episodes and steps (~1 minute): for tests and CI",
-    )
-    d.add_argument(
-        "--llm_path",
-        "--llm-path",
-        default=None,
-        help="base model instead of SmolLM2-135M-Instruct: a model directory, hub id or .gguf "
-        "file (trained with the demo's real-model options)",
-    )
-    d.add_argument(
-        "--episodes",
-        type=_positive,
-        default=None,
-        help="expert episodes to collect demonstrations from (default: 40, --quick 12)",
-    )
-    d.add_argument(
-        "--seed", type=int, default=0, help="shifts every simulation and training seed (default: 0)"
-    )
+    add_cli_args(d, DemoArgs)
     d.set_defaults(handler=run_demo_command)
 
     lp = sub.add_parser(
@@ -74,69 +43,7 @@ def register(sub: Any) -> None:
         "(continuing from the latest adapter) and evaluates the new model against the "
         "previous one on the same held-out episodes.",
     )
-    lp.add_argument(
-        "--sim",
-        default="job_market",
-        help="simulation: a registered name (`simtune sims list`) or module:Class / "
-        "file.py:Class of your own (default: job_market)",
-    )
-    lp.add_argument(
-        "--rounds", type=_positive, default=2, help="rounds, round 0 included (default: 2)"
-    )
-    lp.add_argument(
-        "--llm_path",
-        "--llm-path",
-        default=None,
-        help="base model to tune (directory, hub id, adapter or model id; default: the "
-        "demo's tiny model, built in the workspace -- only to try the loop)",
-    )
-    src = lp.add_mutually_exclusive_group()
-    src.add_argument(
-        "--expert",
-        action="store_true",
-        help="round 0 collects with the simulation's expert policy (the default)",
-    )
-    src.add_argument(
-        "--model-url",
-        "--model_url",
-        default=None,
-        help="round 0 collects with this OpenAI-compatible endpoint instead",
-    )
-    lp.add_argument("--model", default=None, help="model name to ask --model-url for")
-    lp.add_argument(
-        "--episodes", type=_positive, default=20, help="episodes collected per round (default: 20)"
-    )
-    lp.add_argument(
-        "--eval-episodes",
-        "--eval_episodes",
-        type=_positive,
-        default=4,
-        help="held-out episodes each new model is evaluated on (default: 4)",
-    )
-    lp.add_argument(
-        "--steps", type=_positive, default=None, help="steps per episode (default: the sim's own)"
-    )
-    lp.add_argument(
-        "--config",
-        default=None,
-        help="YAML of training options for both modes; `sft:` / `ppo:` sections for one "
-        "(default: the demo's options for tiny models)",
-    )
-    lp.add_argument(
-        "--temperature",
-        type=float,
-        default=1.0,
-        help="sampling temperature of the served model while collecting (default: 1.0; "
-        "evaluation is greedy)",
-    )
-    lp.add_argument("--workspace", default=None, help="workspace (default: current directory)")
-    lp.add_argument(
-        "--experiment_name",
-        "--experiment-name",
-        default="simtune-loop",
-        help="MLflow experiment (default: simtune-loop)",
-    )
-    lp.add_argument("--seed", type=int, default=0, help="base seed (default: 0)")
+    add_cli_args(lp, LoopArgs)
     lp.set_defaults(handler=run_loop_command)
 
 

@@ -12,7 +12,8 @@ import json
 import sys
 from typing import Any
 
-from simtune.cli.common import add_precision_flag, add_workspace_flag, positive_int
+from simtune.config import add_cli_args
+from simtune.config.commands import EvalArgs
 
 DESCRIPTION = """\
 Generate answers with each --model and compare them in one table.
@@ -39,12 +40,6 @@ _RATES = ("exact_match", "json_valid", "truncated", "invalid_rate", "expert_agre
 _COUNTS = ("num_samples", "json_records", "decisions", "invalid")
 
 
-def _flag(group: Any, name: str, **kwargs: Any) -> None:
-    """--snake_case and --kebab-case, like the rest of the CLI."""
-    flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    group.add_argument(*flags, dest=name, **kwargs)
-
-
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "eval",
@@ -53,116 +48,7 @@ def register(sub: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        dest="models",
-        action="append",
-        required=True,
-        metavar="SPEC",
-        help="a model to evaluate (repeat to compare): a simtune model id, an MLflow "
-        "NAME[@VERSION] or models:/NAME/V, an adapter or model directory, a .gguf file, "
-        "or 'base' (the base model of the others)",
-    )
-    what = p.add_argument_group("what to evaluate on (exactly one)").add_mutually_exclusive_group(
-        required=True
-    )
-    _flag(
-        what,
-        "dataset_path",
-        nargs="+",
-        metavar="PATH",
-        help="held-out decision files or directories (any format `simtune train` reads)",
-    )
-    _flag(what, "sim", metavar="NAME", help="a simulation (see `simtune sims list`)")
-
-    ds = p.add_argument_group("held-out decisions (with --dataset_path)")
-    _flag(
-        ds,
-        "reward_fn",
-        metavar="MODULE:FN",
-        help="score answers with fn(prompt=, completion=, record=) -> float "
-        "('module:fn' or 'path/to/file.py:fn')",
-    )
-    _flag(
-        ds,
-        "judge_url",
-        metavar="URL",
-        help="score answers with an OpenAI-compatible LLM judge (1-5, mapped to [-1, 1]); "
-        "key from $SIMTUNE_JUDGE_API_KEY or $OPENAI_API_KEY",
-    )
-    _flag(ds, "judge_model", metavar="NAME", help="the judge's model name (with --judge_url)")
-    _flag(
-        ds,
-        "max_samples",
-        type=positive_int,
-        metavar="N",
-        help="evaluate on the first N decisions only",
-    )
-    _flag(
-        ds,
-        "system_prompt",
-        metavar="TEXT",
-        help="system prompt for every model (default: each adapter's training one; none for base)",
-    )
-
-    sm = p.add_argument_group("simulation (with --sim)")
-    _flag(sm, "episodes", type=positive_int, default=5, metavar="N", help="episodes (default: 5)")
-    _flag(
-        sm, "steps", type=positive_int, metavar="S", help="steps per episode (default: the sim's)"
-    )
-    _flag(
-        sm,
-        "seed",
-        type=int,
-        default=1000,
-        help="environment seed; every model plays the same episodes (default: 1000, apart "
-        "from the collection default 0)",
-    )
-
-    gen = p.add_argument_group("generation and serving")
-    _flag(gen, "max_tokens", type=positive_int, default=128, help="answer cap (default: 128)")
-    _flag(gen, "temperature", type=float, default=0.0, help="sampling temperature (default: 0)")
-    _flag(
-        gen,
-        "backend",
-        choices=("auto", "transformers"),
-        default="auto",
-        help="generation backend; evaluation runs in-process with transformers (vLLM is "
-        "`simtune serve --backend vllm`)",
-    )
-    _flag(gen, "device", help="torch device for the transformers backend (default: auto)")
-    add_precision_flag(gen)
-    _flag(
-        gen,
-        "batch_size",
-        type=positive_int,
-        default=8,
-        help="prompts generated together (default: 8)",
-    )
-    _flag(
-        gen,
-        "trust_remote_code",
-        action="store_true",
-        help="allow a model repository's own code to run",
-    )
-
-    tr = p.add_argument_group("tracking")
-    add_workspace_flag(tr)
-    _flag(
-        tr,
-        "tracking_uri",
-        metavar="URI",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the workspace's mlflow.db)",
-    )
-    _flag(
-        tr,
-        "experiment_name",
-        metavar="NAME",
-        help="experiment for models without a training run here, e.g. base (default: the "
-        "other models' training experiment, else llm_tuning)",
-    )
-    _flag(tr, "no_mlflow", action="store_true", help="log nothing to MLflow")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_cli_args(p, EvalArgs)
     p.set_defaults(handler=run)
 
 

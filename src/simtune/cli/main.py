@@ -9,7 +9,6 @@ exit 2; nothing heavy is imported until a command runs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -18,26 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from simtune.config import (
-    TUNING_MODES,
-    TuningConfig,
-    base_type,
-    field_docs,
-    field_types,
-    resolve_workspace,
-)
+from simtune.config import TuningConfig, add_cli_args, add_config_args, resolve_workspace
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
-
-GROUPS = {
-    "job": ("tuning_mode", "trust_remote_code"),
-    "several processes": ("nproc", "deepspeed"),
-    "data": ("min_rating", "agent_types"),
-    "optimisation": ("learning_rate", "padding_free"),
-    "LoRA": ("lora_r", "lora_target_modules"),
-    "PPO and reward": ("rollout", "top_p"),
-}
 
 
 class Parser(argparse.ArgumentParser):
@@ -54,34 +37,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(p: argparse.ArgumentParser) -> None:
-    docs, types = field_docs(), field_types()
-    defaults = TuningConfig()
-    names = [f.name for f in dataclasses.fields(TuningConfig)]
-    group: Any = p
-    starts = {first: title for title, (first, _last) in GROUPS.items()}
-    for name in names:
-        if name in starts:
-            group = p.add_argument_group(starts[name] + " options")
-        tp, is_list = base_type(types[name])
-        default = getattr(defaults, name)
-        shown = (",".join(default) or "none") if isinstance(default, list) else default
-        doc = docs.get(name, "")
-        help_text = doc if "(default" in doc else f"{doc} (default: {shown})"
-        flags = [f"--{name}"]
-        if "_" in name:
-            flags.append("--" + name.replace("_", "-"))
-        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
-        if tp is bool:
-            kwargs.update(nargs="?", const="true", metavar="BOOL")
-        elif is_list:
-            kwargs.update(
-                nargs="+", metavar=name.upper().rstrip("S") if name != "dataset_path" else "PATH"
-            )
-        elif name == "tuning_mode":
-            kwargs.update(metavar="{" + ",".join(TUNING_MODES) + "}")
-        else:
-            kwargs.update(metavar={"str": "VALUE"}.get(tp.__name__, tp.__name__.upper()))
-        group.add_argument(*flags, **kwargs)
+    """One flag group per args class `TuningConfig` is made of, in field order."""
+    add_config_args(p, TuningConfig)
 
 
 def build_parser() -> Parser:
@@ -92,7 +49,16 @@ def build_parser() -> Parser:
     )
     p.add_argument("--version", action="version", version=_version())
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    from simtune.cli.common import add_workspace_flag
+    from simtune.config.commands import (
+        JsonListArgs,
+        ModelIdArgs,
+        ModelsDeleteArgs,
+        ResultJsonArgs,
+        TinyModelArgs,
+        TrainFileArgs,
+        UiArgs,
+        WorkspaceArgs,
+    )
 
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
@@ -102,50 +68,32 @@ def build_parser() -> Parser:
         description="Train a LoRA adapter on decision logs; the run is logged to MLflow "
         "and the model registered. Flags accept snake_case and kebab-case.",
     )
-    t.add_argument(
-        "--config",
-        metavar="YAML",
-        help="YAML file of options (keys = option names); flags given here override it",
-    )
+    add_cli_args(t, TrainFileArgs)
     _add_config_flags(t)
-    t.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_cli_args(t, ResultJsonArgs)
 
     m = sub.add_parser("models", help="list, show or delete models in the local registry")
-    add_workspace_flag(m)
+    add_cli_args(m, WorkspaceArgs)
     msub = m.add_subparsers(
         dest="models_command", metavar="ACTION", parser_class=Parser, required=True
     )
-    ml = msub.add_parser("list", help="list registered models")
-    ml.add_argument("--json", action="store_true", help="print JSON")
-    ms = msub.add_parser("show", help="show one model's registry entry and simtune.json")
-    ms.add_argument("model_id")
-    md = msub.add_parser("delete", help="remove a model's registry entry and its directory")
-    md.add_argument("model_id")
-    md.add_argument("--keep-files", action="store_true", help="keep models/<model_id>/ on disk")
-
-    u = sub.add_parser("ui", help="open the MLflow UI on the workspace's store")
-    add_workspace_flag(u)
-    u.add_argument(
-        "--tracking_uri",
-        "--tracking-uri",
-        help="backend store (default: the workspace's mlflow.db)",
+    add_cli_args(msub.add_parser("list", help="list registered models"), JsonListArgs)
+    add_cli_args(
+        msub.add_parser("show", help="show one model's registry entry and simtune.json"),
+        ModelIdArgs,
     )
-    u.add_argument(
-        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)"
-    )
-    u.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
-    u.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="server worker processes (default: 1; MLflow's own default of 4 takes much "
-        "longer to start and one user needs one)",
+    add_cli_args(
+        msub.add_parser("delete", help="remove a model's registry entry and its directory"),
+        ModelsDeleteArgs,
     )
 
-    k = sub.add_parser(
-        "make-tiny-model", help="write a tiny random model + tokenizer for smoke tests"
+    add_cli_args(sub.add_parser("ui", help="open the MLflow UI on the workspace's store"), UiArgs)
+    add_cli_args(
+        sub.add_parser(
+            "make-tiny-model", help="write a tiny random model + tokenizer for smoke tests"
+        ),
+        TinyModelArgs,
     )
-    k.add_argument("dir", help="output directory")
 
     from simtune.cli import collect, data, demo, evaluate, serve, sims, sync
 

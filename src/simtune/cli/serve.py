@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from simtune.cli.common import add_listen_flags, add_precision_flag, add_workspace_flag
+from simtune.config import add_cli_args
+from simtune.config.serve import BACKENDS, DEFAULT_PORT, ServeArgs
 
-# Copies of simtune.serving.server.DEFAULT_PORT and BACKENDS (importing serving here would
-# slow every `simtune --help`; tests/test_serving.py checks they still match).
-DEFAULT_PORT = 8000
-BACKENDS = ("auto", "transformers", "vllm")
+# DEFAULT_PORT and BACKENDS are declared with ServeArgs (simtune.config.serve), the one
+# source of serve's defaults; re-exported here for tests/test_serving.py, which checks
+# that simtune.serving's own copies still match.
+__all__ = ["BACKENDS", "DEFAULT_PORT", "register", "run"]
 
 DESCRIPTION = """\
 Serve a base model and one or more LoRA adapters (sharing that base) as an
@@ -49,72 +50,7 @@ def register(sub: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        "-m",
-        dest="models",
-        action="append",
-        required=True,
-        metavar="ID|NAME[@VERSION]|PATH",
-        help="model to serve (repeat for several adapters on one base): a model id, MLflow "
-        "NAME[@VERSION], an adapter or base model directory, or a .gguf file (dequantized "
-        "once into the workspace's cache/models/)",
-    )
-    add_listen_flags(p, default_port=DEFAULT_PORT, key_env="SIMTUNE_SERVE_API_KEY")
-    p.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="auto (default): vllm when installed and a CUDA GPU is present, else transformers",
-    )
-    add_workspace_flag(p)
-    p.add_argument(
-        "--tracking_uri",
-        "--tracking-uri",
-        dest="tracking_uri",
-        help="MLflow store for NAME[@VERSION] models (default: $MLFLOW_TRACKING_URI or the "
-        "workspace's mlflow.db)",
-    )
-    p.add_argument(
-        "--max-batch-size",
-        "--max_batch_size",
-        dest="max_batch_size",
-        type=int,
-        default=8,
-        help="most requests generated together (default: 8)",
-    )
-    p.add_argument(
-        "--max-new-tokens",
-        "--max_new_tokens",
-        dest="max_new_tokens",
-        type=int,
-        default=None,
-        help="default and upper bound of a request's max_tokens; longer requests are clipped "
-        "and end with finish_reason 'length' (default: none but the model's context window, "
-        "as in vLLM: OneSim and other clients send no max_tokens)",
-    )
-    p.add_argument(
-        "--served-model-name",
-        "--served_model_name",
-        dest="served_model_names",
-        nargs="+",
-        metavar="NAME",
-        default=[],
-        help="more names clients may put in 'model' for the first --model, as vLLM's flag "
-        "(e.g. the 'model_name' in YuLan-OneSim's config/model_config.json: "
-        "Qwen2.5-14B-Instruct, or lora)",
-    )
-    p.add_argument(
-        "--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)"
-    )
-    add_precision_flag(p)
-    p.add_argument(
-        "--trust_remote_code",
-        "--trust-remote-code",
-        dest="trust_remote_code",
-        action="store_true",
-        help="allow the base model's repository code to run (off by default)",
-    )
+    add_cli_args(p, ServeArgs)
     p.set_defaults(handler=run)
 
 

@@ -11,7 +11,8 @@ import os
 import sys
 from typing import Any
 
-from simtune.cli.common import add_workspace_flag, positive_int
+from simtune.config import add_cli_args
+from simtune.config.commands import JsonListArgs, SimsRunArgs
 
 KEY_ENV = ("SIMTUNE_API_KEY", "OPENAI_API_KEY")
 
@@ -27,8 +28,7 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=run)
     ssub = p.add_subparsers(dest="sims_command", metavar="ACTION", required=True)
 
-    ls = ssub.add_parser("list", help="list the simulations")
-    ls.add_argument("--json", action="store_true", help="print JSON")
+    add_cli_args(ssub.add_parser("list", help="list the simulations"), JsonListArgs)
 
     r = ssub.add_parser(
         "run",
@@ -43,65 +43,7 @@ def register(sub: Any) -> None:
         "--dataset_path envs/job_market/datasets",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    r.add_argument("name", metavar="NAME", help="simulation (see `simtune sims list`)")
-    who = r.add_argument_group("policy (exactly one)").add_mutually_exclusive_group(required=True)
-    who.add_argument(
-        "--model-url",
-        "--model_url",
-        dest="model_url",
-        metavar="URL",
-        help="agents ask this OpenAI-compatible endpoint (e.g. `simtune serve`, vLLM)",
-    )
-    who.add_argument(
-        "--expert",
-        action="store_true",
-        help="the simulation's rule-based expert (not an LLM; bootstraps demonstrations)",
-    )
-    who.add_argument("--random", action="store_true", help="random valid answers (a baseline)")
-    llm = r.add_argument_group("model endpoint options (with --model-url)")
-    llm.add_argument("--model", help="model name to request (default: the first one listed)")
-    llm.add_argument(
-        "--api-key",
-        "--api_key",
-        dest="api_key",
-        help=f"bearer token (default: ${KEY_ENV[0]}, else ${KEY_ENV[1]})",
-    )
-    llm.add_argument(
-        "--temperature", type=float, default=0.0, help="sampling temperature (default: 0)"
-    )
-    llm.add_argument(
-        "--concurrency",
-        type=positive_int,
-        default=4,
-        help="simultaneous requests for agents deciding at once (default: 4)",
-    )
-    r.add_argument(
-        "--episodes", type=positive_int, default=5, metavar="N", help="episodes (default: 5)"
-    )
-    r.add_argument(
-        "--steps",
-        type=positive_int,
-        metavar="S",
-        help="steps per episode (default: the simulation's)",
-    )
-    r.add_argument("--seed", type=int, default=0, help="environment seed (default: 0)")
-    r.add_argument(
-        "--env",
-        "--env-name",
-        "--env_name",
-        dest="env_name",
-        metavar="NAME",
-        help="env name, i.e. the folder envs/<env>/datasets (default: the simulation's name)",
-    )
-    add_workspace_flag(r)
-    r.add_argument("--run-id", "--run_id", dest="run_id", help="run id (default: a fresh one)")
-    r.add_argument(
-        "--credit",
-        choices=("uniform", "last", "discounted"),
-        default="uniform",
-        help="how an episode return is spread over the agent's decisions (default: uniform)",
-    )
-    r.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_cli_args(r, SimsRunArgs)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -16,7 +16,8 @@ import json
 import sys
 from typing import Any
 
-from simtune.cli.common import add_workspace_flag
+from simtune.config import add_cli_args
+from simtune.config.commands import SyncArgs
 
 DESCRIPTION = """\
 When the MLflow server goes away during `simtune train`, training finishes anyway: the
@@ -39,14 +40,7 @@ def register(sub: Any) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_workspace_flag(p)
-    p.add_argument(
-        "--tracking_uri",
-        "--tracking-uri",
-        dest="tracking_uri",
-        help="send to this MLflow server instead of the one each job used",
-    )
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_cli_args(p, SyncArgs)
     p.set_defaults(handler=run)
 
 

@@ -44,7 +44,14 @@ from pathlib import Path
 from typing import Any
 
 from simtune import jsontext
-from simtune.decisions.reader import RESERVED_KEYS, Brief, Dataset, Scan, scan_dataset
+from simtune.decisions.reader import (  # Filters: beside reader.select, which uses it too
+    RESERVED_KEYS,
+    Brief,
+    Dataset,
+    Filters,
+    Scan,
+    scan_dataset,
+)
 from simtune.decisions.schema import Decision
 from simtune.errors import ConfigError, DataError
 
@@ -548,38 +555,6 @@ def _stats_parallel(
             scan.duplicate_ids,
         )
     return acc.result(scan)
-
-
-class Filters:
-    """`reader.select` one decision at a time: `keep(d)` says whether `d` passes, and
-    `dropped` counts why the others did not (the same keys and order of tests)."""
-
-    def __init__(
-        self,
-        *,
-        min_rating: float | None = None,
-        min_reward: float | None = None,
-        agent_types: list[str] | None = None,
-        max_samples: int | None = None,
-    ) -> None:
-        self.min_rating, self.min_reward, self.max_samples = min_rating, min_reward, max_samples
-        self.wanted = set(agent_types or ())
-        self.dropped = {"min_rating": 0, "min_reward": 0, "agent_types": 0, "max_samples": 0}
-        self.kept = 0
-
-    def keep(self, d: Decision) -> bool:
-        if self.wanted and d.agent_type not in self.wanted:
-            self.dropped["agent_types"] += 1
-        elif self.min_rating is not None and (d.rating is None or d.rating < self.min_rating):
-            self.dropped["min_rating"] += 1
-        elif self.min_reward is not None and (d.reward is None or d.reward < self.min_reward):
-            self.dropped["min_reward"] += 1
-        elif self.max_samples is not None and self.kept >= self.max_samples:
-            self.dropped["max_samples"] += 1
-        else:
-            self.kept += 1
-            return True
-        return False
 
 
 # --- export --------------------------------------------------------------------------------

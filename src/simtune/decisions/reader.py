@@ -1107,6 +1107,42 @@ class Selection:
     dropped: dict[str, int]
 
 
+class Filters:
+    """The training filters (--agent_types, --min_rating, --min_reward, --max_samples),
+    one decision at a time: `keep(d)` says whether `d` passes, and `dropped` counts why
+    the others did not. The one implementation: `select` runs it over a list, the
+    streaming `simtune data export/split` over a scan."""
+
+    def __init__(
+        self,
+        *,
+        min_rating: float | None = None,
+        min_reward: float | None = None,
+        agent_types: list[str] | None = None,
+        max_samples: int | None = None,
+    ) -> None:
+        self.min_rating, self.min_reward, self.max_samples = min_rating, min_reward, max_samples
+        self.wanted = set(agent_types or ())
+        self.dropped = {"min_rating": 0, "min_reward": 0, "agent_types": 0, "max_samples": 0}
+        self.kept = 0
+
+    def keep(self, d: Decision) -> bool:
+        if self.wanted and d.agent_type not in self.wanted:
+            self.dropped["agent_types"] += 1
+        elif self.min_rating is not None and (d.rating is None or d.rating < self.min_rating):
+            self.dropped["min_rating"] += 1
+        elif self.min_reward is not None and (d.reward is None or d.reward < self.min_reward):
+            self.dropped["min_reward"] += 1
+        elif self.max_samples is not None and self.kept >= self.max_samples:
+            # Counted after the other tests: a decision is dropped "by --max_samples"
+            # only when it passed them (so the counts match filtering, then cutting).
+            self.dropped["max_samples"] += 1
+        else:
+            self.kept += 1
+            return True
+        return False
+
+
 def select(
     decisions: list[Decision],
     *,
@@ -1116,29 +1152,21 @@ def select(
     max_samples: int | None = None,
     unfence_outputs: bool = False,
 ) -> Selection:
-    """Apply the training filters; counts why records were dropped. With
+    """Apply the training filters (`Filters`); counts why records were dropped. With
     `unfence_outputs`, the kept records' output and feedback lose a markdown code fence
     around them (--unfence_outputs; records are read verbatim)."""
-    dropped = {"min_rating": 0, "min_reward": 0, "agent_types": 0, "max_samples": 0}
-    kept = []
-    wanted = set(agent_types or ())
-    for d in decisions:
-        if wanted and d.agent_type not in wanted:
-            dropped["agent_types"] += 1
-        elif min_rating is not None and (d.rating is None or d.rating < min_rating):
-            dropped["min_rating"] += 1
-        elif min_reward is not None and (d.reward is None or d.reward < min_reward):
-            dropped["min_reward"] += 1
-        else:
-            kept.append(d)
-    if max_samples is not None and len(kept) > max_samples:
-        dropped["max_samples"] = len(kept) - max_samples
-        kept = kept[:max_samples]
+    filters = Filters(
+        min_rating=min_rating,
+        min_reward=min_reward,
+        agent_types=agent_types,
+        max_samples=max_samples,
+    )
+    kept = [d for d in decisions if filters.keep(d)]
     if unfence_outputs:
         for d in kept:
             d.output = unfence(d.output)
             d.feedback = unfence(d.feedback) if d.feedback else d.feedback
-    return Selection(kept, dropped)
+    return Selection(kept, filters.dropped)
 
 
 def describe(dataset: Dataset, selection: Selection) -> dict[str, Any]:

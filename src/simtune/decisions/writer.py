@@ -30,12 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from simtune import jsontext
+from simtune.config.proxy import CREDIT_RULES, FSYNC_POLICIES  # the --fsync/--credit choices
 from simtune.errors import ConfigError
 from simtune.util import check_name
-
-FSYNC_POLICIES = ("none", "always", "close")
-CREDIT_RULES = ("uniform", "last", "discounted")
-
 
 # Bumped in a forked child, so logs and recorders inherited through fork() notice
 # (one integer compare per record, where os.getpid() would be a system call).

@@ -392,14 +392,13 @@ def run_simulation(
     starting states. `sim_options` go to the simulation's constructor.
     """
     from simtune.collect.recorder import Recorder
+    from simtune.config import check_positive_int
     from simtune.sims import get_simulation
 
     sim = get_simulation(name)(**sim_options)
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-        raise ConfigError(f"--episodes: expected a positive integer, got {episodes!r}")
+    check_positive_int("--episodes", episodes)
     steps = sim.default_steps if steps is None else steps
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"--steps: expected a positive integer, got {steps!r}")
+    check_positive_int("--steps", steps)
     pol = make_policy(policy, seed)
     # Before the recorder exists: an unreachable endpoint must leave no file behind.
     pol.prepare()

@@ -1,0 +1,148 @@
+"""`TuningConfig`: one `simtune train` job, composed of the per-concern args classes.
+
+It stays ONE flat dataclass (`cfg.lora_r`, `simtune.json`, MLflow params and YAML keys
+are the fields' names); the concerns are its bases, whose order is the order of the
+fields, of the `--help` groups and of docs/options.md. Each base checks its own fields
+(`problems()`); `validate()` adds the checks that span concerns and reports every
+problem at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from simtune.config.checks import raise_problems
+from simtune.config.data import DataArgs
+from simtune.config.fields import coerce
+from simtune.config.job import JobArgs
+from simtune.config.launch import LaunchArgs
+from simtune.config.lora import LoraArgs
+from simtune.config.optim import OptimArgs
+from simtune.config.ppo import PPOArgs
+from simtune.errors import ConfigError
+
+
+@dataclass
+class TuningConfig(PPOArgs, LoraArgs, OptimArgs, DataArgs, LaunchArgs, JobArgs):
+    """Everything one `simtune train` job needs; every field is a CLI flag and a YAML key."""
+
+    def validate(self) -> TuningConfig:
+        """Check values without touching the disk's models or importing torch; raise one
+        ConfigError naming every problem."""
+        problems: list[str] = []
+        if not self.dataset_path and self.env:
+            from simtune.util import check_name
+
+            try:
+                name = check_name(self.env, "--env")
+            except ConfigError as exc:
+                problems.append(str(exc))
+            else:
+                self.dataset_path = [str(self.workspace_path() / "envs" / name / "datasets")]
+        for part in (JobArgs, LaunchArgs, DataArgs, OptimArgs, LoraArgs, PPOArgs):
+            problems += part.problems(self)
+        problems += self.combined_problems()
+        raise_problems(problems)
+        return self
+
+    def combined_problems(self) -> list[str]:
+        """The checks of options that only make sense together."""
+        out: list[str] = []
+        if self.tuning_mode == "ppo" and self.rollout == "online":
+            sources = self.reward_sources()
+            if len(sources) != 1:
+                out.append(
+                    "--rollout online needs exactly one reward source: --reward_fn, "
+                    "--reward_model or --judge_url (got "
+                    f"{', '.join('--' + s for s in sources) or 'none'})"
+                )
+            if self.judge_url and not self.judge_model:
+                out.append("--judge_model is required with --judge_url")
+        if self.device_map == "auto":
+            if self.tuning_mode != "sft":
+                out.append(
+                    "--device_map auto: SFT only; for PPO or a reward model larger than one "
+                    "GPU use FSDP through --accelerate_config"
+                )
+            if self.distributed() or self.deepspeed:
+                out.append(
+                    "--device_map auto shards one process's model over the GPUs; it cannot "
+                    "be combined with --nproc/--devices (several)/--nnodes/--accelerate_config/--deepspeed"
+                )
+        devices = self.devices.split(",") if self.devices else []
+        if self.nproc is not None and len(devices) > 1 and self.nproc != len(devices):
+            out.append(
+                f"--nproc {self.nproc} does not match --devices {self.devices!r} "
+                f"({len(devices)} devices: one process each)"
+            )
+        if self.deepspeed and self.tuning_mode == "ppo":
+            out.append(
+                "--deepspeed applies to SFT and reward-model training; for PPO put the "
+                "DeepSpeed settings in an --accelerate_config file"
+            )
+        return out
+
+    def processes(self) -> int:
+        """Processes on this node: --nproc, else one per --devices entry, else 1."""
+        if self.nproc is not None:
+            return self.nproc
+        return len(self.devices.split(",")) if self.devices else 1
+
+    def distributed(self) -> bool:
+        """Whether this job runs as several processes (launched by simtune)."""
+        return self.processes() > 1 or self.nnodes > 1 or self.accelerate_config is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml  # small; only needed with --config
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file: {path}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    return data
+
+
+def build_config(
+    yaml_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    base: TuningConfig | None = None,
+) -> TuningConfig:
+    """Defaults < YAML file < overrides (CLI flags or run_tuning keywords), then validate."""
+    cfg = dataclasses.replace(base) if base is not None else TuningConfig()
+    known = {f.name for f in dataclasses.fields(TuningConfig)}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if yaml_path:
+        layers.append((yaml_path, load_yaml(yaml_path)))
+    if overrides:
+        layers.append(("", overrides))
+    for source, layer in layers:
+        for raw_key, value in layer.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                where = f"{source}: " if source else ""
+                hint = _closest(key, known)
+                raise ConfigError(f"{where}unknown option {raw_key!r}{hint}")
+            setattr(cfg, key, coerce(key, value, source=source))
+    return cfg.validate()
+
+
+def _closest(key: str, known: set[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(known), n=1)
+    return f" (did you mean --{match[0]}?)" if match else ""
