@@ -177,34 +177,46 @@ def test_max_steps_alone_allows_zero_epochs() -> None:
 
 
 def test_coerce() -> None:
-    assert coerce("lora_target_modules", "q_proj,v_proj") == ["q_proj", "v_proj"]
-    assert coerce("lora_target_modules", ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
-    assert coerce("lora_target_modules", ["q_proj, k_proj", "v_proj"]) == [
+    assert coerce("lora_target_modules", "q_proj,v_proj", cls=TuningConfig) == ["q_proj", "v_proj"]
+    assert coerce("lora_target_modules", ["q_proj", "v_proj"], cls=TuningConfig) == [
+        "q_proj",
+        "v_proj",
+    ]
+    assert coerce("lora_target_modules", ["q_proj, k_proj", "v_proj"], cls=TuningConfig) == [
         "q_proj",
         "k_proj",
         "v_proj",
     ]
-    assert coerce("lora_target_modules", "q_proj,,") == ["q_proj"]
-    assert coerce("dataset_path", "one.jsonl") == ["one.jsonl"]
-    assert coerce("dataset_path", None) == []
-    assert coerce("agent_types", ("A", "B")) == ["A", "B"]
+    assert coerce("lora_target_modules", "q_proj,,", cls=TuningConfig) == ["q_proj"]
+    assert coerce("dataset_path", "one.jsonl", cls=TuningConfig) == ["one.jsonl"]
+    assert coerce("dataset_path", None, cls=TuningConfig) == []
+    assert coerce("agent_types", ("A", "B"), cls=TuningConfig) == ["A", "B"]
     for text in ("true", "True", "yes", "on", "1", " YES "):
-        assert coerce("bf16", text) is True
+        assert coerce("bf16", text, cls=TuningConfig) is True
     for text in ("false", "FALSE", "no", "off", "0"):
-        assert coerce("bf16", text) is False
-    assert coerce("bf16", True) is True and coerce("bf16", False) is False
-    assert coerce("max_samples", "10") == 10 and coerce("max_samples", 4.0) == 4
-    assert coerce("max_samples", None) is None
-    assert coerce("learning_rate", "1e-3") == 0.001 and coerce("learning_rate", 1) == 1.0
-    assert coerce("llm_path", 5) == "5"
+        assert coerce("bf16", text, cls=TuningConfig) is False
+    assert (
+        coerce("bf16", True, cls=TuningConfig) is True
+        and coerce("bf16", False, cls=TuningConfig) is False
+    )
+    assert (
+        coerce("max_samples", "10", cls=TuningConfig) == 10
+        and coerce("max_samples", 4.0, cls=TuningConfig) == 4
+    )
+    assert coerce("max_samples", None, cls=TuningConfig) is None
+    assert (
+        coerce("learning_rate", "1e-3", cls=TuningConfig) == 0.001
+        and coerce("learning_rate", 1, cls=TuningConfig) == 1.0
+    )
+    assert coerce("llm_path", 5, cls=TuningConfig) == "5"
     with pytest.raises(ConfigError, match=r"^cfg\.yaml: --fp16: expected bool, got 'perhaps'$"):
-        coerce("fp16", "perhaps", source="cfg.yaml")
+        coerce("fp16", "perhaps", source="cfg.yaml", cls=TuningConfig)
     with pytest.raises(ConfigError, match=r"^--learning_rate: expected float, got True$"):
-        coerce("learning_rate", True)
+        coerce("learning_rate", True, cls=TuningConfig)
 
 
 def test_field_docs_cover_every_field() -> None:
-    docs = field_docs()
+    docs = field_docs(TuningConfig)
     assert set(docs) == set(FIELDS)
     for name in FIELDS:
         assert docs[name].strip() and docs[name].endswith((".", ")")), name
@@ -334,7 +346,7 @@ def test_help() -> None:
     assert proc.returncode == 0, proc.stderr
     text = " ".join(proc.stdout.split())  # undo argparse's line wrapping
     defaults = TuningConfig()
-    docs = field_docs()
+    docs = field_docs(TuningConfig)
     for name in FIELDS:
         assert f"--{name} " in text or f"--{name}," in text, name
         if "_" in name:

@@ -67,7 +67,7 @@ def slug(title: str) -> str:
 
 
 def render() -> str:
-    docs, types = field_docs(), field_types()
+    docs, types = field_docs(TuningConfig), field_types(TuningConfig)
     defaults = TuningConfig()
     groups = sections()
     out = [

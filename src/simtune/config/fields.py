@@ -61,13 +61,9 @@ def own_docs(cls: type) -> dict[str, str]:
 
 
 @functools.cache
-def field_docs(cls: type | None = None) -> dict[str, str]:
+def field_docs(cls: type) -> dict[str, str]:
     """Map field name -> its docstring, over the whole MRO (a subclass that redeclares
-    a field without a docstring keeps its base's). Default: `TuningConfig`."""
-    if cls is None:
-        from simtune.config.tuning import TuningConfig
-
-        cls = TuningConfig
+    a field without a docstring keeps its base's)."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if dataclasses.is_dataclass(klass):
@@ -76,11 +72,7 @@ def field_docs(cls: type | None = None) -> dict[str, str]:
 
 
 @functools.cache
-def field_types(cls: type | None = None) -> dict[str, Any]:
-    if cls is None:
-        from simtune.config.tuning import TuningConfig
-
-        cls = TuningConfig
+def field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
@@ -101,8 +93,9 @@ def base_type(tp: Any) -> tuple[type, bool]:
     return tp, False
 
 
-def coerce(name: str, value: Any, *, source: str = "", cls: type | None = None) -> Any:
-    """Convert a YAML/CLI/keyword value to the field's type, or raise naming the option."""
+def coerce(name: str, value: Any, *, cls: type, source: str = "") -> Any:
+    """Convert a YAML/CLI/keyword value to the type of `cls`'s field `name`, or raise
+    naming the option."""
     where = f"{source}: " if source else ""
     annotation = field_types(cls)[name]
     tp, is_list = base_type(annotation)

@@ -137,7 +137,7 @@ def build_config(
                 where = f"{source}: " if source else ""
                 hint = _closest(key, known)
                 raise ConfigError(f"{where}unknown option {raw_key!r}{hint}")
-            setattr(cfg, key, coerce(key, value, source=source))
+            setattr(cfg, key, coerce(key, value, source=source, cls=TuningConfig))
     return cfg.validate()
 
 
