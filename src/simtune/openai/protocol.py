@@ -38,7 +38,9 @@ class ProtocolError(ValueError):
         self.message, self.param, self.code = message, param, code
 
 
-def check_messages(value: Any, *, flatten: bool = False) -> list[dict[str, Any]]:
+def check_messages(
+    value: Any, *, flatten: bool = False, null_content: bool = True
+) -> list[dict[str, Any]]:
     """A chat request's ``messages``, checked: a non-empty list of objects with a known
     string ``role`` and a ``content`` that is a string, a list of parts or null. Returns
     new plain messages (the input is not modified): null content becomes ``""``.
@@ -47,7 +49,11 @@ def check_messages(value: Any, *, flatten: bool = False) -> list[dict[str, Any]]
     its parts' ``text`` joined, and every part must have a string ``text``. Without it
     (the proxy and the Recorder, which record what the model was sent) list content is
     kept as sent and parts without ``text`` (images, audio) are allowed: the model may
-    take them, and the dataset reader keeps the text parts."""
+    take them, and the dataset reader keeps the text parts.
+
+    `null_content` False refuses null content instead (`Recorder.record`: there the
+    caller writes the record by hand, and a missing text is more likely a mistake than
+    a tool-call turn a client library handed back)."""
     if value is None:
         raise ProtocolError(
             "'messages' is required", param="messages", code="missing_required_parameter"
@@ -63,7 +69,7 @@ def check_messages(value: Any, *, flatten: bool = False) -> list[dict[str, Any]]
         if why := role_problem(m["role"]):
             raise ProtocolError(f"messages[{i}].role: {why}", param=f"messages[{i}].role")
         content = m.get("content")
-        if content is None:  # e.g. an assistant turn that only called tools
+        if content is None and null_content:  # an assistant turn that only called tools
             m = {**m, "content": ""}
         elif isinstance(content, list):
             # A part without 'text' counts as "" unless the content must be all text.
@@ -78,7 +84,8 @@ def check_messages(value: Any, *, flatten: bool = False) -> list[dict[str, Any]]
                 m = {**m, "content": "".join(texts)}  # type: ignore[arg-type]
         elif not isinstance(content, str):
             raise ProtocolError(
-                f"messages[{i}].content must be a string, a list of parts or null",
+                f"messages[{i}].content must be a string, a list of parts"
+                + (" or null" if null_content else ""),
                 param=f"messages[{i}].content",
             )
         out.append(m)
