@@ -202,7 +202,9 @@ async def start_site(
     app = web.Application(client_max_size=max_body)
     app.router.add_route("*", "/{tail:.*}", dispatch)
     # No per-request logging: it costs more than the proxying itself (bench/).
-    runner = app_runner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    runner = app_runner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
