@@ -144,9 +144,26 @@ def _first_choice(choices: Any) -> Any:
     return choices[0]
 
 
+def _in_order(obj: Any, first: tuple[str, ...]) -> Any:
+    """A dict with the keys `first` (those present) first, the others after."""
+    if not isinstance(obj, dict):
+        return obj
+    out = {k: obj[k] for k in first if k in obj}
+    out.update(obj)  # the keys already in `out` keep their place
+    return out
+
+
 def _calls_text(calls: list[Any]) -> str:
-    """A tool-call-only answer as text: the JSON list of its calls."""
-    return json.dumps(calls, ensure_ascii=False)
+    """A tool-call-only answer as text: the JSON list of its calls, keys in the wire's
+    order (id, type, function: name, arguments) however they were read (a client's
+    models dump theirs alphabetically), so one answer is one training text."""
+    ordered = []
+    for call in calls:
+        call = _in_order(call, ("id", "type", "function"))
+        if isinstance(call, dict) and "function" in call:
+            call = {**call, "function": _in_order(call["function"], ("name", "arguments"))}
+        ordered.append(call)
+    return json.dumps(ordered, ensure_ascii=False)
 
 
 @dataclass
