@@ -35,27 +35,10 @@ BAD = {
 
 
 @pytest.fixture(scope="module")
-def stub():
-    with StubLLM() as llm:
-        yield llm
-
-
-@pytest.fixture(scope="module")
 def proxy(stub: StubLLM, tmp_path_factory: pytest.TempPathFactory):
     ws = tmp_path_factory.mktemp("protocol-ws")
     with RecordingProxy(stub.url, "proto", port=0, workspace=ws, run_id="r") as px:
         yield px
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model: Path):
-    from simtune.serving.engine import Engine
-    from simtune.serving.server import Server
-
-    engine = Engine.load([str(tiny_model)], max_new_tokens=4, device="cpu", precision="fp32")
-    with Server(engine) as srv:
-        yield srv
-    engine.close()
 
 
 def _client(url: str) -> openai.OpenAI:
@@ -73,7 +56,7 @@ def _refusal(url: str, model: str, messages: list[Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_the_same_bad_message_reads_the_same_everywhere(
-    case: str, proxy: RecordingProxy, stub: StubLLM, server: Any, tmp_path: Path, caplog: Any
+    case: str, proxy: RecordingProxy, stub: StubLLM, tiny_server: Any, tmp_path: Path, caplog: Any
 ):
     messages, param = BAD[case]
     with pytest.raises(ProtocolError) as info:
@@ -87,7 +70,7 @@ def test_the_same_bad_message_reads_the_same_everywhere(
     at_proxy = _refusal(proxy.url, "m", messages)
     assert (at_proxy["message"], at_proxy["param"]) == (expected, param)
     assert stub.requests == [] and proxy.path is None  # not forwarded, not recorded
-    at_server = _refusal(server.url, "base", messages)
+    at_server = _refusal(tiny_server.url, "base", messages)
     assert (at_server["message"], at_server["param"]) == (expected, param)
 
     # `record` refuses null content too (written by hand, it is a mistake), so its words
@@ -111,7 +94,7 @@ def test_the_same_bad_message_reads_the_same_everywhere(
 
 
 def test_parts_without_text_are_recorded_by_the_proxy_and_refused_by_serve(
-    proxy: RecordingProxy, stub: StubLLM, server: Any
+    proxy: RecordingProxy, stub: StubLLM, tiny_server: Any
 ):
     """On purpose: the proxy forwards an image part to a model that may take it (and
     records the text parts); `serve` renders a text chat template and cannot."""
@@ -121,7 +104,7 @@ def test_parts_without_text_are_recorded_by_the_proxy_and_refused_by_serve(
     assert answer.model_extra["simtune_decision_id"]
     (record,) = read_dataset([str(proxy.directory)]).decisions
     assert record.messages == [{"role": "user", "content": "what is this?"}]
-    refused = _refusal(server.url, "base", messages)
+    refused = _refusal(tiny_server.url, "base", messages)
     assert refused["param"] == "messages[0].content"
     assert check_messages(messages) == messages  # kept as sent, for the record
     flat = check_messages([{"role": "user", "content": parts[:1]}, {"role": "tool"}], flatten=True)
