@@ -91,6 +91,10 @@ Episodes are kept in memory (`Episodes`), keyed by (run id, agent id), in the or
 the answers completed; a decision rewarded only by id stays in its open episode until
 an episode reward closes it. Restarting the proxy forgets open episodes (never records).
 
+Parsing: messages, answers and streams are read by `simtune.openai.protocol` (the
+Recorder's and the server's parser too); listening and the non-loopback warning are
+`simtune.openai.http.start_site` (shared with `serve`).
+
 Performance: one shared upstream connection pool (``max_connections``), no per-request
 logging (``access_log=None``), bodies forwarded as received and answers patched by
 inserting the id field rather than re-encoding; see ``bench/proxy_overhead.py``.

@@ -47,6 +47,9 @@ inherits the fields it leaves unset); and, for wrapped clients, a per-call
 the call (keys other than agent_id/agent_type/step go into metadata). `record` itself
 uses the ``rec.agent`` block for the fields it is not given.
 
+Messages, answers and stream chunks are read by `simtune.openai.protocol`, the parser
+the recording proxy uses on the wire, so a call records the same through either.
+
 Recording a captured call never hides the model's answer from the caller: an answer
 that cannot be a training record (empty text, a batch of prompts, token-id prompts) is
 skipped with a logged warning. A failure to write (a full disk) does propagate: once a

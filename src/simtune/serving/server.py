@@ -53,7 +53,11 @@ HTTP contract
   404; wrong method -> 405; body over 16 MiB -> 413; missing or wrong key when
   ``api_key`` is set -> 401 (``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``); an
   error inside generation -> 500 (or an ``error`` event in a stream). The server keeps
-  serving after any of them.
+  serving after any of them. Messages are checked by `simtune.openai.protocol` (the
+  proxy's and the Recorder's words and ``param``); the engine's refusals
+  (`simtune.serving.engine.EngineError`) become statuses here and only here:
+  ``UnknownModel`` 404, ``InvalidPrompt`` (``PromptTooLong`` too) 400, ``EngineClosed``
+  503, anything else 500.
 - A client that disconnects mid-answer (stream or not) frees its batch row at the next
   decode step; the other requests are not affected.
 
