@@ -33,6 +33,30 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture(scope="module")
+def stub():
+    """A scripted OpenAI-compatible model server on loopback (`StubLLM`), per module."""
+    from simtune.testing.stub_llm import StubLLM
+
+    with StubLLM() as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_model: Path):
+    """A real `simtune serve` (`Server` over an `Engine`) of the tiny model, on CPU in
+    fp32, answering at most 4 tokens; per module."""
+    from simtune.serving.engine import Engine
+    from simtune.serving.server import Server
+
+    engine = Engine.load([str(tiny_model)], max_new_tokens=4, device="cpu", precision="fp32")
+    try:
+        with Server(engine) as srv:
+            yield srv
+    finally:
+        engine.close()
+
+
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     """A fresh workspace (own embedded MLflow store) per test."""

@@ -25,33 +25,10 @@ MODEL = "m"
 
 
 @pytest.fixture(scope="module")
-def stub():
-    with StubLLM() as llm:
-        yield llm
-
-
-@pytest.fixture(scope="module")
 def proxy(stub: StubLLM, tmp_path_factory: pytest.TempPathFactory):
     ws = tmp_path_factory.mktemp("probe-ws")
     with RecordingProxy(stub.url, "probe", port=0, workspace=ws, run_id="r") as px:
         yield px
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_model: Path):
-    from simtune.serving.engine import Engine
-
-    eng = Engine.load([str(tiny_model)], max_new_tokens=4, device="cpu", precision="fp32")
-    yield eng
-    eng.close()
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    from simtune.serving.server import Server
-
-    with Server(engine) as srv:
-        yield srv
 
 
 def _ids(cases: list[probe.Case]) -> list[str]:
@@ -72,12 +49,12 @@ def test_proxy_refuses(case: probe.Case, proxy: RecordingProxy, stub: StubLLM):
 
 
 @pytest.mark.parametrize("case", SERVE_CASES, ids=_ids(SERVE_CASES))
-def test_serve_refuses(case: probe.Case, server):
-    answer = probe.send(server.port, case.request)
+def test_serve_refuses(case: probe.Case, tiny_server):
+    answer = probe.send(tiny_server.port, case.request)
     assert probe.check(case, answer) is None, probe.check(case, answer)
 
 
-def test_both_keep_serving_after_the_probe(proxy: RecordingProxy, stub: StubLLM, server):
+def test_both_keep_serving_after_the_probe(proxy: RecordingProxy, stub: StubLLM, tiny_server):
     """Runs after the tables: each server still answers, and the proxy records the one
     good call (its file holds nothing else)."""
     px = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
@@ -85,7 +62,7 @@ def test_both_keep_serving_after_the_probe(proxy: RecordingProxy, stub: StubLLM,
     assert resp.choices[0].message.content
     recs = [json.loads(line) for line in proxy.path.read_text().splitlines()]
     assert len(recs) == 1 and recs[0]["messages"][0]["content"] == "hi"
-    sv = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
+    sv = openai.OpenAI(base_url=tiny_server.url, api_key="x", max_retries=0)
     out = sv.chat.completions.create(
         model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
@@ -115,10 +92,10 @@ def test_a_bad_item_in_a_score_batch_writes_nothing(proxy: RecordingProxy):
 
 
 def test_client_hanging_up_mid_body_is_one_info_line(
-    proxy: RecordingProxy, server, caplog: pytest.LogCaptureFixture
+    proxy: RecordingProxy, tiny_server, caplog: pytest.LogCaptureFixture
 ):
     caplog.set_level(logging.DEBUG)
-    for port in (proxy.port, server.port):
+    for port in (proxy.port, tiny_server.port):
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(probe.request("/v1/chat/completions", b'{"model": "m"', length=10_000))
         time.sleep(0.3)
@@ -130,7 +107,7 @@ def test_client_hanging_up_mid_body_is_one_info_line(
     assert [r.levelno for r in hung] == [logging.INFO, logging.INFO]  # one line each
 
 
-def test_huge_prompt_is_refused_without_blocking_others(server):
+def test_huge_prompt_is_refused_without_blocking_others(tiny_server):
     """A 14 MB prompt is refused by its length in characters, before tokenizing, and a
     small request sent meanwhile is answered."""
     huge = json.dumps(
@@ -139,11 +116,11 @@ def test_huge_prompt_is_refused_without_blocking_others(server):
     results: dict[str, probe.Answer] = {}
 
     def big() -> None:
-        results["big"] = probe.send(server.port, probe.request("/v1/chat/completions", huge))
+        results["big"] = probe.send(tiny_server.port, probe.request("/v1/chat/completions", huge))
 
     t = threading.Thread(target=big)
     t.start()
-    small = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=60)
+    small = openai.OpenAI(base_url=tiny_server.url, api_key="x", max_retries=0, timeout=60)
     out = small.completions.create(model="base", prompt="hi", max_tokens=2)
     t.join(60)
     assert out.choices[0].finish_reason in ("length", "stop")

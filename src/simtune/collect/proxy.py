@@ -91,6 +91,10 @@ Episodes are kept in memory (`Episodes`), keyed by (run id, agent id), in the or
 the answers completed; a decision rewarded only by id stays in its open episode until
 an episode reward closes it. Restarting the proxy forgets open episodes (never records).
 
+Parsing: messages, answers and streams are read by `simtune.openai.protocol` (the
+Recorder's and the server's parser too); listening and the non-loopback warning are
+`simtune.openai.http.start_site` (shared with `serve`).
+
 Performance: one shared upstream connection pool (``max_connections``), no per-request
 logging (``access_log=None``), bodies forwarded as received and answers patched by
 inserting the id field rather than re-encoding; see ``bench/proxy_overhead.py``.
@@ -98,7 +102,6 @@ inserting the id field rather than re-encoding; see ``bench/proxy_overhead.py``.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -109,7 +112,7 @@ from typing import TYPE_CHECKING, Any
 
 from simtune.collect.rules import CallRules
 from simtune.config import resolve_workspace
-from simtune.decisions.schema import finite_number, role_problem
+from simtune.decisions.schema import finite_number
 from simtune.decisions.writer import (
     CREDIT_RULES,
     DecisionLog,
@@ -126,14 +129,23 @@ from simtune.errors import ConfigError
 from simtune.openai.client import base_url as _normalise_url
 from simtune.openai.http import (
     LoopThread,
-    app_runner,
     check_api_key,
     check_headers,
-    error_body,
     error_response,
     parse_body,
+    reject_from,
+    start_site,
 )
 from simtune.openai.http import Reject as _Reject
+from simtune.openai.protocol import (
+    Answer,
+    ProtocolError,
+    StreamAssembly,
+    answer_of,
+    check_messages,
+    error_body,
+    sse_event,
+)
 from simtune.util import check_name
 
 if TYPE_CHECKING:
@@ -187,15 +199,6 @@ def upstream_base(url: str) -> str:
     return base
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_prefix(raw_path: str) -> tuple[dict[str, str], str] | None:
     """``/runs/r1/agents/a%2F1/v1/chat/completions`` ->
     ``({"run_id": "r1", "agent_id": "a/1"}, "chat/completions")``; None when the path is
@@ -237,54 +240,6 @@ def _inject(payload: bytes, field: bytes) -> bytes:
     return payload[: i + 1] + field + sep + rest
 
 
-def _content_text(content: Any) -> str | None:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # multi-part content: its text parts
-        texts = [p.get("text") for p in content if isinstance(p, dict)]
-        return "".join(t for t in texts if isinstance(t, str))
-    return None
-
-
-def _check_messages(value: Any) -> list[dict[str, Any]]:
-    """The chat messages to record (the request is forwarded as sent). Refuses what the
-    dataset reader would refuse, so every record stays loadable."""
-    if value is None:
-        raise _Reject(
-            400, "'messages' is required", param="messages", code="missing_required_parameter"
-        )
-    if not isinstance(value, list) or not value:
-        raise _Reject(400, "'messages' must be a non-empty list of messages", param="messages")
-    out = []
-    for i, m in enumerate(value):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise _Reject(
-                400,
-                f"messages[{i}] must be an object with a string 'role'",
-                param=f"messages[{i}]",
-            )
-        if why := role_problem(m["role"]):
-            raise _Reject(400, f"messages[{i}].role: {why}", param=f"messages[{i}].role")
-        content = m.get("content")
-        if content is None:  # e.g. an assistant turn that only called tools
-            m = {**m, "content": ""}
-        elif isinstance(content, list):
-            if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
-                raise _Reject(
-                    400,
-                    f"messages[{i}].content parts must be objects with string 'text'",
-                    param=f"messages[{i}].content",
-                )
-        elif not isinstance(content, str):
-            raise _Reject(
-                400,
-                f"messages[{i}].content must be a string, a list of parts or null",
-                param=f"messages[{i}].content",
-            )
-        out.append(m)
-    return out
-
-
 def _check_prompt(value: Any) -> str | None:
     """The prompt to record, or None for a valid prompt that is not recordable as one
     text (a batch of prompts, token ids): forwarded, not recorded."""
@@ -301,102 +256,6 @@ def _check_prompt(value: Any) -> str | None:
     if isinstance(value, list) and value:
         return None
     raise _Reject(400, "'prompt' must be a non-empty string or list of prompts", param="prompt")
-
-
-def _answer(obj: Any, chat: bool) -> tuple[str, dict[str, Any]] | None:
-    """(output text, metadata) of the first choice of a non-streamed answer."""
-    if not isinstance(obj, dict):
-        return None
-    choices = obj.get("choices")
-    if not isinstance(choices, list) or not choices:
-        return None
-    first = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), choices[0])
-    if not isinstance(first, dict):
-        return None
-    meta: dict[str, Any] = {"finish_reason": first.get("finish_reason")}
-    if chat:
-        msg = first.get("message")
-        if not isinstance(msg, dict):
-            return None
-        text = _content_text(msg.get("content")) or ""
-        calls = msg.get("tool_calls") or (
-            [{"type": "function", "function": msg["function_call"]}]
-            if msg.get("function_call")
-            else None
-        )
-        if calls:
-            meta["tool_calls"] = calls
-            if not text:
-                text = json.dumps(calls, ensure_ascii=False)
-    else:
-        text = first.get("text") if isinstance(first.get("text"), str) else ""
-    if len(choices) > 1:
-        meta["n_choices"] = len(choices)
-    return text, meta
-
-
-class _StreamState:
-    """Assembles the first choice of an SSE stream while it is relayed."""
-
-    __slots__ = ("chat", "parts", "calls", "model", "finish", "usage", "upstream_id", "done", "bad")
-
-    def __init__(self, chat: bool) -> None:
-        self.chat = chat
-        self.parts: list[str] = []
-        self.calls: dict[int, dict[str, Any]] = {}
-        self.model: str | None = None
-        self.finish: str | None = None
-        self.usage: Any = None
-        self.upstream_id: str | None = None
-        self.done = False  # saw [DONE]
-        self.bad: str | None = None  # why this stream cannot be recorded
-
-    def feed(self, obj: Any) -> None:
-        if not isinstance(obj, dict):
-            self.bad = "a data event that is not a JSON object"
-            return
-        if obj.get("error"):
-            self.bad = "the upstream sent an error event"
-            return
-        self.model = obj.get("model") or self.model
-        self.upstream_id = obj.get("id") or self.upstream_id
-        if obj.get("usage"):
-            self.usage = obj["usage"]
-        for c in obj.get("choices") or ():
-            if not isinstance(c, dict) or c.get("index", 0) != 0:
-                continue
-            if c.get("finish_reason"):
-                self.finish = c["finish_reason"]
-            if not self.chat:
-                if isinstance(c.get("text"), str):
-                    self.parts.append(c["text"])
-                continue
-            delta = c.get("delta") or {}
-            text = _content_text(delta.get("content"))
-            if text:
-                self.parts.append(text)
-            for call in delta.get("tool_calls") or ():
-                if not isinstance(call, dict):
-                    continue
-                entry = self.calls.setdefault(
-                    int(call.get("index") or 0),
-                    {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
-                )
-                if call.get("id"):
-                    entry["id"] = call["id"]
-                fn = call.get("function") or {}
-                entry["function"]["name"] += fn.get("name") or ""
-                entry["function"]["arguments"] += fn.get("arguments") or ""
-
-    def answer(self) -> tuple[str, dict[str, Any]]:
-        text = "".join(self.parts)
-        meta: dict[str, Any] = {"finish_reason": self.finish, "usage": self.usage}
-        if self.calls:
-            calls = [self.calls[k] for k in sorted(self.calls)]
-            meta["tool_calls"] = calls
-            if not text:
-                text = json.dumps(calls, ensure_ascii=False)
-        return text, meta
 
 
 class RecordingProxy:
@@ -519,37 +378,27 @@ class RecordingProxy:
 
     async def _startup(self) -> None:
         import aiohttp
-        from aiohttp import web
 
-        app = web.Application(client_max_size=self.max_body)
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.max_connections, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.timeout),
             # Never route the upstream through $HTTP_PROXY: it is usually on loopback.
             trust_env=False,
         )
-        self._runner = app_runner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=self.shutdown_timeout
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
         try:
-            await site.start()
-        except OSError as exc:
-            await self._shutdown()
-            raise ConfigError(
-                f"--host/--port: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from None
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self._serving = True
-        if not is_loopback(self.host):
-            log.warning(
-                "listening on %s, not loopback: anyone who can reach this address can use "
-                "the upstream model%s",
-                self.host,
-                "" if self.api_key else " (set --api-key to require a key)",
+            self._runner, self.port = await start_site(
+                self._dispatch,
+                host=self.host,
+                port=self.port,
+                max_body=self.max_body,
+                shutdown_timeout=self.shutdown_timeout,
+                keyed=self.api_key is not None,
+                reach="upstream model",
             )
+        except ConfigError:
+            await self._shutdown()  # the upstream session and the log
+            raise
+        self._serving = True
         log.info(
             "recording proxy for env %r (run %s): give the simulation %s ; forwarding to %s ; "
             "decisions go to %s",
@@ -754,7 +603,11 @@ class RecordingProxy:
             raise _Reject(400, "the request body must be a JSON object", code="invalid_json")
         who = self._who(request, attrs)
         if chat:
-            messages: list[dict[str, Any]] | None = _check_messages(payload.get("messages"))
+            try:
+                # The request is forwarded as sent; these are the messages to record.
+                messages: list[dict[str, Any]] | None = check_messages(payload.get("messages"))
+            except ProtocolError as exc:
+                raise reject_from(exc) from None
             prompt = None
         else:
             messages, prompt = None, _check_prompt(payload.get("prompt"))
@@ -778,9 +631,10 @@ class RecordingProxy:
                 raw = exchange.finish_json(raw, headers)
             return web.Response(body=raw, status=up.status, headers=headers)
 
-    def _record(self, ex: _Exchange, output: str, meta: dict[str, Any], model: Any) -> bool:
+    def _record(self, ex: _Exchange, answer: Answer) -> bool:
         """Write the decision record; False when it was not written (skipped by the call
         rules, or not encodable)."""
+        output = answer.text
         label = None
         if self.rules:
             keep, label = self.rules.classify(ex.prompt, ex.messages, output)
@@ -802,7 +656,7 @@ class RecordingProxy:
         else:
             rec["prompt"] = ex.prompt
         rec["output"] = output
-        model = model or ex.payload.get("model")
+        model = answer.model or ex.payload.get("model")
         if model:
             rec["model"] = str(model)
         rec["latency_s"] = round(time.perf_counter() - ex.started, 6)
@@ -810,6 +664,13 @@ class RecordingProxy:
         if label is not None:
             metadata["call"] = label
         metadata["stream"] = bool(ex.payload.get("stream"))
+        meta = {
+            "finish_reason": answer.finish_reason,
+            "tool_calls": answer.tool_calls,
+            "n_choices": answer.n_choices if answer.n_choices > 1 else None,
+            "usage": answer.usage,
+            "upstream_id": answer.id,
+        }
         metadata.update((k, v) for k, v in meta.items() if v is not None)
         params = {k: v for k, v in ex.payload.items() if k not in _UNRECORDED_PARAMS}
         if params:
@@ -1093,13 +954,10 @@ class _Exchange:
             obj = json.loads(raw)
         except (ValueError, RecursionError):
             return raw
-        found = _answer(obj, self.chat)
-        if found is None or not found[0].strip():
+        answer = answer_of(obj, self.chat)
+        if not answer.text.strip():
             return raw  # nothing a dataset could hold (the reader refuses empty outputs)
-        text, meta = found
-        meta["usage"] = obj.get("usage")
-        meta["upstream_id"] = obj.get("id")
-        if not self.proxy._record(self, text, meta, obj.get("model")):
+        if not self.proxy._record(self, answer):
             return raw
         headers[DECISION_HEADER] = self.decision_id
         return _inject(raw, self.field)
@@ -1114,7 +972,7 @@ class _Exchange:
             headers[DECISION_HEADER] = self.decision_id
         resp = web.StreamResponse(status=up.status, headers=headers)
         await resp.prepare(request)
-        state = _StreamState(self.chat)
+        state = StreamAssembly(self.chat)
         recorded = False
         pending = b""
         try:
@@ -1126,7 +984,7 @@ class _Exchange:
                         continue
                     block, pending = pending[: cut + 1], pending[cut + 1 :]
                     out = self._transform(block, state)
-                    if state.done and not recorded:
+                    if state.ended and not recorded:
                         # Record before the client sees [DONE]: once its stream ends,
                         # the decision is on disk.
                         recorded = self._record_stream(state, request)
@@ -1138,12 +996,12 @@ class _Exchange:
                     type_="upstream_error",
                     code="upstream_stream_broken",
                 )
-                await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+                await resp.write(sse_event(event))
                 await resp.write_eof()
                 return resp
             if pending:
                 out = self._transform(pending, state)  # a last line without a newline
-                if state.done and not recorded:
+                if state.ended and not recorded:
                     recorded = self._record_stream(state, request)
                 await resp.write(out)
             if self.recordable and not recorded and state.finish is not None:
@@ -1153,40 +1011,26 @@ class _Exchange:
             log.debug("client disconnected during a stream; not recorded")
         return resp
 
-    def _transform(self, block: bytes, state: _StreamState) -> bytes:
-        """Add the decision id to each ``data: {...}`` line and feed it to `state`."""
+    def _transform(self, block: bytes, state: StreamAssembly) -> bytes:
+        """Feed each ``data:`` line to `state` and add the decision id to its chunks
+        (the bytes are relayed as the upstream sent them otherwise)."""
         if not self.recordable:
             return block
         lines = block.split(b"\n")
         for i, line in enumerate(lines):
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                state.done = True
-                continue
-            if not payload.startswith(b"{"):
-                state.bad = state.bad or "a data event that is not a JSON object"
-                continue
-            try:
-                state.feed(json.loads(payload))
-            except (ValueError, RecursionError):
-                state.bad = state.bad or "a data event that is not valid JSON"
-                continue
-            lines[i] = _inject(line, self.field)
+            if line.startswith(b"data:") and state.feed_data(line[5:].strip()):
+                lines[i] = _inject(line, self.field)
         return b"\n".join(lines)
 
-    def _record_stream(self, state: _StreamState, request: web.Request) -> bool:
+    def _record_stream(self, state: StreamAssembly, request: web.Request) -> bool:
         if state.bad is None and _client_gone(request):
             state.bad = "the client hung up"
         if state.bad is not None:
             log.debug("stream %s not recorded: %s", self.decision_id, state.bad)
             return True  # settled: never record it
-        text, meta = state.answer()
-        if not text.strip():
-            return True
-        meta["upstream_id"] = state.upstream_id
-        self.proxy._record(self, text, meta, state.model)
+        answer = state.answer()
+        if answer.text.strip():
+            self.proxy._record(self, answer)
         return True
 
 

@@ -47,6 +47,9 @@ inherits the fields it leaves unset); and, for wrapped clients, a per-call
 the call (keys other than agent_id/agent_type/step go into metadata). `record` itself
 uses the ``rec.agent`` block for the fields it is not given.
 
+Messages, answers and stream chunks are read by `simtune.openai.protocol`, the parser
+the recording proxy uses on the wire, so a call records the same through either.
+
 Recording a captured call never hides the model's answer from the caller: an answer
 that cannot be a training record (empty text, a batch of prompts, token-id prompts) is
 skipped with a logged warning. A failure to write (a full disk) does propagate: once a
@@ -57,7 +60,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import os
 import secrets
@@ -71,7 +73,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from simtune.collect.rules import CallRules
 from simtune.config import resolve_workspace
-from simtune.decisions.schema import finite_number, role_problem
+from simtune.decisions.schema import finite_number
 from simtune.decisions.writer import (
     DecisionLog,
     Episodes,
@@ -84,6 +86,13 @@ from simtune.decisions.writer import (
     reward_events,
     spread_return,
     utc_now,
+)
+from simtune.openai.protocol import (
+    ProtocolError,
+    StreamAssembly,
+    answer_of,
+    check_messages,
+    plain,
 )
 from simtune.util import check_name
 
@@ -108,17 +117,14 @@ def _score(value: Any, what: str) -> float:
     return number
 
 
-def _check_messages(messages: Any) -> None:
-    """The shape the dataset reader accepts, checked before anything is written."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("record: messages must be a non-empty list of chat messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ValueError(f"record: messages[{i}] must be a dict with a string 'role'")
-        if why := role_problem(m["role"]):
-            raise ValueError(f"record: messages[{i}].role: {why}")
-        if not isinstance(m.get("content"), (str, list)):
-            raise ValueError(f"record: messages[{i}].content must be a string")
+def _check_messages(messages: Any) -> list[dict[str, Any]]:
+    """The shape the dataset reader accepts (the proxy's and the server's check; null
+    content refused), checked before anything is written. A `ProtocolError` is a
+    ValueError, the Recorder's error for a bad argument."""
+    try:
+        return check_messages(messages, null_content=False)
+    except ProtocolError as exc:
+        raise ProtocolError(f"record: {exc.message}", param=exc.param, code=exc.code) from None
 
 
 def _step(step: Any) -> int:
@@ -291,7 +297,7 @@ class Recorder:
         if prompt is None:
             if messages is None:
                 raise ValueError("record: give exactly one of prompt= or messages=")
-            _check_messages(messages)
+            messages = _check_messages(messages)
         elif messages is not None:
             raise ValueError("record: give exactly one of prompt= or messages=")
         elif not isinstance(prompt, str):
@@ -477,7 +483,12 @@ class Recorder:
         if isinstance(source, str):
             prompt, messages = source, None
         elif isinstance(source, (list, tuple)) and source and not isinstance(source[0], (str, int)):
-            prompt, messages = None, _plain_messages(source)
+            # Response message objects appended to the history become plain dicts.
+            try:
+                prompt, messages = None, check_messages([plain(m) for m in source])
+            except ProtocolError as exc:
+                log.warning("simtune: call not recorded: %s", exc)
+                return None
         elif isinstance(source, list) and len(source) == 1 and isinstance(source[0], str):
             prompt, messages = source[0], None
         else:
@@ -615,115 +626,22 @@ def _llm_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
 # --- OpenAI-shaped clients ----------------------------------------------------------------
 
 
-def _get(obj: Any, name: str) -> Any:
-    """Attribute or key: responses are pydantic models (openai) or plain dicts (others)."""
-    if isinstance(obj, dict):
-        return obj.get(name)
-    return getattr(obj, name, None)
-
-
-def _plain(obj: Any) -> Any:
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump(exclude_none=True)
-    return obj
-
-
-def _plain_messages(messages: Any) -> list[dict[str, Any]]:
-    """Chat history as plain dicts the reader accepts: response message objects appended
-    to the history become dicts, and an assistant turn that only called tools gets
-    ``content: ""`` instead of None."""
-    out = []
-    for m in messages:
-        m = _plain(m)
-        if isinstance(m, dict) and m.get("content") is None:
-            m = {**m, "content": ""}
-        out.append(m)
-    return out
-
-
-def _tool_calls_text(calls: list[Any]) -> str:
-    return json.dumps([_plain(c) for c in calls], ensure_ascii=False)
-
-
-def _first_choice(choices: Any) -> Any:
-    for c in choices or ():
-        if (_get(c, "index") or 0) == 0:
-            return c
-    return None
-
-
-def _answer(response: Any, chat: bool) -> str | None:
-    choice = _first_choice(_get(response, "choices"))
-    if choice is None:
-        return None
-    if not chat:
-        return _get(choice, "text")
-    message = _get(choice, "message")
-    text = _get(message, "content")
-    if not text:
-        calls = _get(message, "tool_calls")
-        if calls:
-            return _tool_calls_text(calls)
-    return text
-
-
-def _usage(obj: Any) -> dict[str, Any] | None:
-    usage = _get(obj, "usage")
-    if usage is None:
-        return None
-    usage = _plain(usage)
-    return usage if isinstance(usage, dict) else None
-
-
 class _StreamState:
-    """What a stream has said so far: the first choice's text (or tool calls), model, usage."""
+    """What a stream has said so far (`StreamAssembly`, shared with the proxy), and when
+    its first chunk came."""
+
+    __slots__ = ("assembly", "t0", "first_chunk_s", "done")
 
     def __init__(self, chat: bool, t0: float) -> None:
-        self.chat, self.t0 = chat, t0
-        self.parts: list[str] = []
-        self.tools: dict[int, dict[str, Any]] = {}
-        self.model: Any = None
-        self.usage: dict[str, Any] | None = None
+        self.assembly = StreamAssembly(chat)
+        self.t0 = t0
         self.first_chunk_s: float | None = None
-        self.done = False
+        self.done = False  # recorded, or closed before its end: never record (again)
 
     def add(self, chunk: Any) -> None:
         if self.first_chunk_s is None:
             self.first_chunk_s = time.perf_counter() - self.t0
-        if self.model is None:
-            self.model = _get(chunk, "model")
-        usage = _usage(chunk)
-        if usage:
-            self.usage = usage
-        choice = _first_choice(_get(chunk, "choices"))
-        if choice is None:
-            return
-        if not self.chat:
-            text = _get(choice, "text")
-            if text:
-                self.parts.append(text)
-            return
-        delta = _get(choice, "delta")
-        text = _get(delta, "content")
-        if text:
-            self.parts.append(text)
-        for call in _get(delta, "tool_calls") or ():
-            call = _plain(call)
-            slot = self.tools.setdefault(
-                call.get("index", 0),
-                {"type": "function", "function": {"name": "", "arguments": ""}},
-            )
-            if call.get("id"):
-                slot["id"] = call["id"]
-            fn = call.get("function") or {}
-            slot["function"]["name"] += fn.get("name") or ""
-            slot["function"]["arguments"] += fn.get("arguments") or ""
-
-    def output(self) -> str:
-        text = "".join(self.parts)
-        if not text and self.tools:
-            return json.dumps([self.tools[i] for i in sorted(self.tools)], ensure_ascii=False)
-        return text
+        self.assembly.feed(chunk)
 
 
 class _Call:
@@ -738,20 +656,20 @@ class _Call:
         self.stream = bool(kwargs.get("stream"))
         self.extra: dict[str, Any] = {}
         if kwargs.get("tools"):
-            self.extra["tools"] = [_plain(t) for t in kwargs["tools"]]
+            self.extra["tools"] = [plain(t) for t in kwargs["tools"]]
         self.t0 = time.perf_counter()
 
     def response(self, response: Any) -> None:
         latency = time.perf_counter() - self.t0
         meta = dict(self.extra)
-        usage = _usage(response)
-        if usage:
-            meta["usage"] = usage
+        answer = answer_of(response, self.chat)
+        if answer.usage:
+            meta["usage"] = answer.usage
         did = self.rec._capture(
             self.who,
             self.source,
-            _answer(response, self.chat),
-            model=_get(response, "model") or self.model,
+            answer.text,
+            model=answer.model or self.model,
             latency_s=latency,
             metadata=meta,
         )
@@ -763,16 +681,20 @@ class _Call:
 
     def stream_end(self, state: _StreamState) -> None:
         state.done = True
+        answer = state.assembly.answer()
+        if state.assembly.bad is not None:  # an error event: the text is a fragment
+            log.warning("simtune: stream not recorded: %s", state.assembly.bad)
+            return
         meta = dict(self.extra)
-        if state.usage:
-            meta["usage"] = state.usage
+        if answer.usage:
+            meta["usage"] = answer.usage
         if state.first_chunk_s is not None:
             meta["first_chunk_s"] = round(state.first_chunk_s, 6)
         self.rec._capture(
             self.who,
             self.source,
-            state.output(),
-            model=state.model or self.model,
+            answer.text,
+            model=answer.model or self.model,
             latency_s=time.perf_counter() - self.t0,
             metadata=meta,
         )

@@ -1,18 +1,25 @@
 """What simtune's OpenAI-compatible HTTP servers share (the recording proxy, `serve`).
 
-- `LoopThread`: both are aiohttp apps with an async ``startup()`` (bind, open logs) and
-  ``shutdown()`` (drain calls in flight, close), used from tests and Python code as
+- `start_site`: the aiohttp application (every path to one dispatch coroutine), its
+  runner and the TCP site: bind host/port (a `ConfigError` naming ``--host/--port`` when
+  that fails), warn when the address is not loopback (`is_loopback`).
+- `LoopThread`: both have an async ``startup()`` (bind, open logs) and ``shutdown()``
+  (drain calls in flight, close), used from tests and Python code as
   ``with Server(...):`` (a background thread) and from the CLI as a blocking process
   that stops cleanly on SIGINT/SIGTERM.
-- `Reject` / `error_body` / `error_response`: a request answered with OpenAI's error
-  shape ``{"error": {"message", "type", "param", "code"}}``, which the official client
-  turns into its typed exceptions.
+- `Reject` / `error_response`: a request answered with OpenAI's error shape
+  (`simtune.openai.protocol.error_body`), which the official client turns into its
+  typed exceptions; `reject_from` turns a `ProtocolError` (bad messages) into a 400.
+
+The wire format itself (messages, answers, streams, the error object) is
+`simtune.openai.protocol`, which needs no aiohttp.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import signal
 import threading
@@ -20,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from simtune import jsontext
+from simtune.errors import ConfigError
+from simtune.openai.protocol import ProtocolError, error_body
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +55,9 @@ class Reject(Exception):
         )
 
 
-def error_body(
-    message: str,
-    *,
-    type_: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-) -> dict[str, Any]:
-    """The OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+def reject_from(exc: ProtocolError) -> Reject:
+    """A request that breaks the wire format (`simtune.openai.protocol`): a 400."""
+    return Reject(400, exc.message, param=exc.param, code=exc.code)
 
 
 def parse_body(body: bytes) -> Any:
@@ -163,6 +166,61 @@ def app_runner(app: Any, **kwargs: Any) -> Any:
     # what a client can hold a connection for with a body nobody will read.
     kwargs.setdefault("lingering_time", 2.0)
     return _Runner(app, **kwargs)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def listen_error(host: str, port: int, exc: OSError) -> ConfigError:
+    """The one-line error for an address that cannot be bound (taken, not ours)."""
+    return ConfigError(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc}")
+
+
+async def start_site(
+    dispatch: Callable[[Any], Awaitable[Any]],
+    *,
+    host: str,
+    port: int,
+    max_body: int,
+    shutdown_timeout: float,
+    keyed: bool,
+    reach: str,
+) -> tuple[Any, int]:
+    """Serve every path through `dispatch` on `host`:`port`; returns the runner (the
+    caller's to ``cleanup()``) and the port bound (`port` 0 picks a free one). A port
+    that cannot be bound is a `ConfigError` (the runner is cleaned up first). An address
+    other than loopback logs a warning saying who can then use `reach` (and, unless
+    `keyed`, that ``--api-key`` would require a key)."""
+    from aiohttp import web
+
+    app = web.Application(client_max_size=max_body)
+    app.router.add_route("*", "/{tail:.*}", dispatch)
+    # No per-request logging: it costs more than the proxying itself (bench/).
+    runner = app_runner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise listen_error(host, port, exc) from None
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    if not is_loopback(host):
+        log.warning(
+            "listening on %s, not loopback: anyone who can reach this address can use the %s%s",
+            host,
+            reach,
+            "" if keyed else " (set --api-key to require a key)",
+        )
+    return runner, bound
 
 
 class LoopThread:

@@ -1,6 +1,9 @@
 """The batching engine: a base model with LoRA adapters attached by name, generating in
 batches on one scheduler thread (continuous batching; see `simtune.serving.server` for
-the design and the measured figures). It knows nothing of HTTP.
+the design and the measured figures). It knows nothing of HTTP: what it refuses or
+cannot finish is an `EngineError` saying what went wrong (`UnknownModel`,
+`InvalidPrompt`, `PromptTooLong`, `EngineClosed`, `SchedulerFailed`); the server maps
+those to HTTP statuses.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from simtune.decisions.schema import role_problem
 from simtune.errors import ConfigError, ModelError, SimtuneError
+from simtune.openai.protocol import ProtocolError, check_messages
 from simtune.serving.models import BASE_NAME, ServedModel, resolve_all
 from simtune.util import first_line
 
@@ -42,14 +45,35 @@ class Generation:
     completion_tokens: int
 
 
-class RequestError(SimtuneError):
-    """A request the engine refuses; `status` is the HTTP status the server answers."""
+class EngineError(SimtuneError):
+    """A request the engine refuses or cannot finish. `param` names the request field
+    at fault (OpenAI's ``param``: ``model``, ``prompt``, ``messages[0].content``),
+    `code` a machine-readable reason (OpenAI's ``code``) where there is one."""
 
-    def __init__(
-        self, status: int, message: str, *, param: str | None = None, code: str | None = None
-    ) -> None:
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.message, self.param, self.code = message, param, code
+
+
+class UnknownModel(EngineError):
+    """The request names a model that is not served."""
+
+
+class InvalidPrompt(EngineError):
+    """A prompt the engine cannot take: malformed messages, token ids outside the
+    vocabulary, nothing to generate from, chat messages without a chat template."""
+
+
+class PromptTooLong(InvalidPrompt):
+    """A prompt that does not fit in the model's context."""
+
+
+class EngineClosed(EngineError):
+    """The engine was shut down before the request could be served."""
+
+
+class SchedulerFailed(EngineError):
+    """The scheduler thread died (a bug): requests still waiting get this."""
 
 
 class Sink:
@@ -319,8 +343,7 @@ class Engine:
         """Token ids of a prompt: a string is raw text, a message list is rendered with the
         chat template (generation prompt added), a list of ints is used as is."""
         if model not in self.served:
-            raise RequestError(
-                404,
+            raise UnknownModel(
                 f"the model {model!r} is not served here; served: {', '.join(self.names)}",
                 param="model",
                 code="model_not_found",
@@ -334,23 +357,24 @@ class Engine:
             elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                 ids = [int(t) for t in prompt]  # type: ignore[arg-type]
                 if max(ids) >= len(tok) or min(ids) < 0:
-                    raise RequestError(400, "token id out of the vocabulary", param="prompt")
+                    raise InvalidPrompt("token id out of the vocabulary", param="prompt")
             else:
                 if not getattr(tok, "chat_template", None):
-                    raise RequestError(
-                        400,
+                    raise InvalidPrompt(
                         "this model's tokenizer has no chat template; use /v1/completions",
                         param="messages",
                     )
-                messages = plain_messages(prompt)
+                try:  # a chat template takes text: content parts joined, null as ""
+                    messages = check_messages(prompt, flatten=True)
+                except ProtocolError as exc:
+                    raise InvalidPrompt(exc.message, param=exc.param, code=exc.code) from None
                 self._check_chars("".join(m["content"] for m in messages), param)
                 text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                 ids = tok(text, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise RequestError(400, "the prompt is empty", param="prompt")
+            raise InvalidPrompt("the prompt is empty", param="prompt")
         if self.context_length and len(ids) >= self.context_length:
-            raise RequestError(
-                400,
+            raise PromptTooLong(
                 f"the prompt is {len(ids)} tokens; the model's context is "
                 f"{self.context_length} tokens",
                 param=param,
@@ -364,8 +388,7 @@ class Engine:
             return
         limit = 2 * self.context_length * self._max_token_chars
         if len(text) > limit:
-            raise RequestError(
-                400,
+            raise PromptTooLong(
                 f"the prompt is {len(text)} characters: more than fit in the model's context "
                 f"of {self.context_length} tokens",
                 param=param,
@@ -384,9 +407,9 @@ class Engine:
         stop: Sequence[str] | None = None,
     ) -> EngineRequest:
         """Queue one generation; `sink` receives its text pieces and result (from the
-        scheduler thread). Raises `RequestError` on a bad request."""
+        scheduler thread). Raises an `EngineError` on a bad request."""
         if self._closed:
-            raise RequestError(503, "the engine is shut down", code="unavailable")
+            raise EngineClosed("the engine is shut down", code="unavailable")
         ids = self.encode(model, prompt)
         caps = [c for c in (max_tokens, self.max_new_tokens) if c is not None]
         if self.context_length:
@@ -453,7 +476,7 @@ class Engine:
             except queue.Empty:
                 break
             if req is not None:
-                req.sink.error(RequestError(503, "the engine is shut down", code="unavailable"))
+                req.sink.error(EngineClosed("the engine is shut down", code="unavailable"))
 
     def __enter__(self) -> Engine:
         return self
@@ -492,7 +515,7 @@ class Engine:
                 except queue.Empty:
                     break
                 if req is not None:
-                    self._fail([req], RequestError(500, "the generation scheduler stopped"))
+                    self._fail([req], SchedulerFailed("the generation scheduler stopped"))
 
     def _schedule(self) -> None:
         torch = self._torch
@@ -511,7 +534,7 @@ class Engine:
                     joiners = [first, *self._take(self.max_batch_size - 1, self.batch_wait_s)]
                     batch = self._guarded(joiners, lambda j=joiners: self._prefill(j))
                     if self._closed and batch is not None:
-                        self._fail(batch.rows, RequestError(503, "the engine is shut down"))
+                        self._fail(batch.rows, EngineClosed("the engine is shut down"))
                         return
                     continue
                 free = self.max_batch_size - len(batch.rows)
@@ -525,7 +548,7 @@ class Engine:
                             continue
                         self.stats["merges"] += 1
                 if self._closed:
-                    self._fail(batch.rows, RequestError(503, "the engine is shut down"))
+                    self._fail(batch.rows, EngineClosed("the engine is shut down"))
                     return
                 current = batch
                 batch = self._guarded(current.rows, lambda b=current: self._step(b))
@@ -765,38 +788,6 @@ def _mergeable(cache: Any) -> bool:
         type(layer).__name__ == "DynamicLayer" and getattr(layer, "keys", None) is not None
         for layer in layers
     )
-
-
-def plain_messages(messages: Any) -> list[dict[str, Any]]:
-    """Messages for a chat template: string content (text parts joined, null -> "")."""
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError(
-                400, f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
-            )
-        if why := role_problem(m["role"]):
-            raise RequestError(400, f"messages[{i}].role: {why}", param=f"messages[{i}].role")
-        content = m.get("content")
-        if isinstance(content, list):
-            parts = [p.get("text") for p in content if isinstance(p, dict)]
-            if len(parts) != len(content) or not all(isinstance(t, str) for t in parts):
-                raise RequestError(
-                    400,
-                    f"messages[{i}].content parts must be objects with a string 'text'",
-                    param=f"messages[{i}].content",
-                )
-            content = "".join(parts)  # type: ignore[arg-type]
-        elif content is None:
-            content = ""
-        elif not isinstance(content, str):
-            raise RequestError(
-                400,
-                f"messages[{i}].content must be a string, a list of parts or null",
-                param=f"messages[{i}].content",
-            )
-        out.append({**m, "content": content})
-    return out
 
 
 def _load_tokenizer(served: dict[str, ServedModel], trust_remote_code: bool) -> Any:

@@ -53,7 +53,11 @@ HTTP contract
   404; wrong method -> 405; body over 16 MiB -> 413; missing or wrong key when
   ``api_key`` is set -> 401 (``Authorization: Bearer KEY`` or ``X-Api-Key: KEY``); an
   error inside generation -> 500 (or an ``error`` event in a stream). The server keeps
-  serving after any of them.
+  serving after any of them. Messages are checked by `simtune.openai.protocol` (the
+  proxy's and the Recorder's words and ``param``); the engine's refusals
+  (`simtune.serving.engine.EngineError`) become statuses here and only here:
+  ``UnknownModel`` 404, ``InvalidPrompt`` (``PromptTooLong`` too) 400, ``EngineClosed``
+  503, anything else 500.
 - A client that disconnects mid-answer (stream or not) frees its batch row at the next
   decode step; the other requests are not affected.
 
@@ -76,7 +80,6 @@ Deliberate simplifications
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import socket
@@ -90,29 +93,39 @@ from typing import TYPE_CHECKING, Any
 from simtune.errors import ConfigError
 from simtune.openai.http import (
     LoopThread,
-    app_runner,
     check_api_key,
-    error_body,
     error_response,
+    listen_error,
     parse_body,
+    reject_from,
+    start_site,
 )
 from simtune.openai.http import Reject as _Reject
-
-if TYPE_CHECKING:
-    from aiohttp import web
+from simtune.openai.protocol import (
+    SSE_DONE,
+    ProtocolError,
+    check_messages,
+    error_body,
+    sse_event,
+)
 from simtune.serving.engine import (
     MAX_STOP,
     Engine,
+    EngineClosed,
+    EngineError,
     EngineRequest,
     Generation,
+    InvalidPrompt,
     Prompt,
-    RequestError,
     Sink,
+    UnknownModel,
     is_token_ids,
-    plain_messages,
 )
 from simtune.serving.models import BASE_NAME, alias_map, resolve_all
 from simtune.serving.vllm import choose_backend, run_vllm, vllm_command, vllm_env
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +135,19 @@ DEFAULT_PORT = 8000
 MAX_BODY = 16 * 1024 * 1024
 
 
-def _reject_from(exc: RequestError) -> _Reject:
-    kind = "server_error" if exc.status >= 500 else "invalid_request_error"
-    return _Reject(exc.status, exc.message, param=exc.param, code=exc.code, type_=kind)
+# What the engine's refusals are over HTTP; anything else it raises (a dead scheduler)
+# is the server's fault: 500.
+_STATUS: tuple[tuple[type[EngineError], int], ...] = (
+    (UnknownModel, 404),
+    (InvalidPrompt, 400),
+    (EngineClosed, 503),
+)
+
+
+def _reject_from(exc: EngineError) -> _Reject:
+    status = next((status for kind, status in _STATUS if isinstance(exc, kind)), 500)
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return _Reject(status, exc.message, param=exc.param, code=exc.code, type_=kind)
 
 
 class _AsyncSink(Sink):
@@ -183,17 +206,10 @@ def _parse(body: Any, chat: bool) -> _Params:
         )
     prompts: list[Prompt]
     if chat:
-        messages = body.get("messages")
-        if messages is None:
-            raise _Reject(
-                400, "'messages' is required", param="messages", code="missing_required_parameter"
-            )
-        if not isinstance(messages, list) or not messages:
-            raise _Reject(400, "'messages' must be a non-empty list of messages", param="messages")
-        try:
-            prompts = [plain_messages(messages)]
-        except RequestError as exc:
-            raise _reject_from(exc) from None
+        try:  # a chat template takes text: content parts joined, null as ""
+            prompts = [check_messages(body.get("messages"), flatten=True)]
+        except ProtocolError as exc:
+            raise reject_from(exc) from None
     else:
         prompt = body.get("prompt")
         if prompt is None:
@@ -299,33 +315,15 @@ class Server:
     # --- lifecycle ----------------------------------------------------------------------
 
     async def _startup(self) -> None:
-        from aiohttp import web
-
-        from simtune.collect.proxy import is_loopback
-
-        app = web.Application(client_max_size=MAX_BODY)
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
-        self._runner = app_runner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=self.shutdown_timeout
+        self._runner, self.port = await start_site(
+            self._dispatch,
+            host=self.host,
+            port=self.port,
+            max_body=MAX_BODY,
+            shutdown_timeout=self.shutdown_timeout,
+            keyed=self.api_key is not None,
+            reach="model",
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            self._runner = None
-            raise ConfigError(
-                f"--host/--port: cannot listen on {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from None
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        if not is_loopback(self.host):
-            log.warning(
-                "listening on %s, not loopback: anyone who can reach this address can use the "
-                "model%s",
-                self.host,
-                "" if self.api_key else " (set --api-key to require a key)",
-            )
         log.info("serving %s at %s", ", ".join(self.engine.names), self.url)
 
     async def _shutdown(self) -> None:
@@ -376,7 +374,7 @@ class Server:
             raise _Reject(404, f"unknown path {request.path!r}", code="not_found")
         except _Reject as exc:
             return error_response(exc)
-        except RequestError as exc:
+        except EngineError as exc:
             return error_response(_reject_from(exc))
         except ConnectionError as exc:  # the client hung up (mid-body, say): not a bug
             log.info("client hung up during %s %s (%s)", request.method, request.path, exc)
@@ -435,16 +433,10 @@ class Server:
         except web.HTTPRequestEntityTooLarge:
             raise _Reject(413, "request body over 16 MiB", code="request_too_large") from None
         p = _parse(parse_body(raw), chat)
-        if p.model not in self.engine.served:
-            raise _Reject(
-                404,
-                f"the model {p.model!r} is not served here; served: {', '.join(self.engine.names)}",
-                param="model",
-                code="model_not_found",
-            )
         loop = asyncio.get_running_loop()
         sinks = [_AsyncSink(loop, p.stream) for _ in p.prompts]
-        # Tokenize (and refuse a bad prompt) before queueing any; submit takes the ids.
+        # Tokenize (and refuse a bad prompt or an unknown model: an `EngineError`, answered
+        # by _dispatch) before queueing any; submit takes the ids.
         # Off the event loop: a long prompt takes seconds, and other clients are waiting.
         encoded = await loop.run_in_executor(
             None, lambda: [self.engine.encode(p.model, prompt) for prompt in p.prompts]
@@ -484,7 +476,7 @@ class Server:
                 self.engine.cancel(r)
             log.debug("client disconnected before its answer; request abandoned")
             return web.Response(status=499)
-        except RequestError as exc:
+        except EngineError as exc:
             for r in reqs:
                 self.engine.cancel(r)
             raise _reject_from(exc) from None
@@ -548,7 +540,7 @@ class Server:
             choice.update(finish_reason=finish, logprobs=None)
             payload = {"id": rid, "object": obj, "created": created, "model": p.model}
             payload["choices"] = [choice]
-            return b"data: " + json.dumps(payload).encode() + b"\n\n"
+            return sse_event(payload)
 
         resp = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -566,10 +558,10 @@ class Server:
                     exc = value
                     err = (
                         error_body(exc.message, type_="invalid_request_error", code=exc.code)
-                        if isinstance(exc, RequestError)
+                        if isinstance(exc, EngineError)
                         else error_body("generation failed in simtune serve", type_="server_error")
                     )
-                    await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+                    await resp.write(sse_event(err))
                     break
                 gen: Generation = value
                 await resp.write(chunk(None if chat else "", gen.finish_reason))
@@ -586,8 +578,8 @@ class Server:
                             "total_tokens": gen.prompt_tokens + gen.completion_tokens,
                         },
                     }
-                    await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
-                await resp.write(b"data: [DONE]\n\n")
+                    await resp.write(sse_event(usage))
+                await resp.write(SSE_DONE)
                 break
             await resp.write_eof()
         except ConnectionError:
@@ -610,9 +602,7 @@ def check_port_free(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as exc:
-            raise ConfigError(
-                f"--host/--port: cannot listen on {host}:{port}: {exc.strerror or exc}"
-            ) from None
+            raise listen_error(host, port, exc) from None
 
 
 def serve(

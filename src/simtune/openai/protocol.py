@@ -1,0 +1,327 @@
+"""OpenAI's chat/completions wire format, parsed once for the recording proxy, the
+in-process `Recorder` and `simtune serve` (plain Python: no aiohttp, no torch, cheap to
+import).
+
+- `check_messages`: a request's ``messages`` checked and normalised (refusing what the
+  dataset reader would refuse), raising `ProtocolError` with the JSON path of the
+  field (``messages[2].content``) as ``param``.
+- `answer_of`: the first choice of a non-streamed answer (text, finish reason, tool
+  calls, model, id, usage) as an `Answer`.
+- `StreamAssembly`: the same, assembled from a stream's chunks (parsed objects, or the
+  payloads of SSE ``data:`` lines as bytes).
+- `error_body`, `sse_event`: OpenAI's error object and one SSE event, as servers send them.
+
+The proxy reads JSON it parsed itself (dicts); the Recorder reads what an OpenAI-style
+client library hands its caller (pydantic models, or dicts from duck-typed clients).
+One core reads both through `field`, so the two cannot drift apart; the adapters only
+differ in how they get the objects (bytes on the wire vs. a client's return value).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from simtune.decisions.schema import role_problem
+
+_SCALARS = (str, bytes, int, float, bool, list, tuple)
+
+
+class ProtocolError(ValueError):
+    """A request that breaks the OpenAI wire format. `param` is the JSON path of the
+    offending field (OpenAI's ``param``), `code` OpenAI's error code where one applies.
+    A ValueError, so in-process callers (the Recorder) can treat it as one."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+def check_messages(
+    value: Any, *, flatten: bool = False, null_content: bool = True
+) -> list[dict[str, Any]]:
+    """A chat request's ``messages``, checked: a non-empty list of objects with a known
+    string ``role`` and a ``content`` that is a string, a list of parts or null. Returns
+    new plain messages (the input is not modified): null content becomes ``""``.
+
+    `flatten` (for a chat template, which takes text): list content becomes one string,
+    its parts' ``text`` joined, and every part must have a string ``text``. Without it
+    (the proxy and the Recorder, which record what the model was sent) list content is
+    kept as sent and parts without ``text`` (images, audio) are allowed: the model may
+    take them, and the dataset reader keeps the text parts.
+
+    `null_content` False refuses null content instead (`Recorder.record`: there the
+    caller writes the record by hand, and a missing text is more likely a mistake than
+    a tool-call turn a client library handed back)."""
+    if value is None:
+        raise ProtocolError(
+            "'messages' is required", param="messages", code="missing_required_parameter"
+        )
+    if not isinstance(value, list) or not value:
+        raise ProtocolError("'messages' must be a non-empty list of messages", param="messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ProtocolError(
+                f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]"
+            )
+        if why := role_problem(m["role"]):
+            raise ProtocolError(f"messages[{i}].role: {why}", param=f"messages[{i}].role")
+        content = m.get("content")
+        if content is None and null_content:  # an assistant turn that only called tools
+            m = {**m, "content": ""}
+        elif isinstance(content, list):
+            # A part without 'text' counts as "" unless the content must be all text.
+            missing = None if flatten else ""
+            texts = [p.get("text", missing) if isinstance(p, dict) else None for p in content]
+            if not all(isinstance(t, str) for t in texts):
+                raise ProtocolError(
+                    f"messages[{i}].content parts must be objects with a string 'text'",
+                    param=f"messages[{i}].content",
+                )
+            if flatten:
+                m = {**m, "content": "".join(texts)}  # type: ignore[arg-type]
+        elif not isinstance(content, str):
+            raise ProtocolError(
+                f"messages[{i}].content must be a string, a list of parts"
+                + (" or null" if null_content else ""),
+                param=f"messages[{i}].content",
+            )
+        out.append(m)
+    return out
+
+
+# --- answers ------------------------------------------------------------------------------
+
+
+def field(obj: Any, name: str) -> Any:
+    """``obj[name]`` of a JSON object, ``obj.name`` of a client library's response model;
+    None for anything else (JSON scalars and lists have no fields: ``"x".index`` is a
+    method, not the choice's index)."""
+    if isinstance(obj, dict):
+        return obj.get(name)
+    if obj is None or isinstance(obj, _SCALARS):
+        return None
+    return getattr(obj, name, None)
+
+
+def plain(obj: Any) -> Any:
+    """A response model as a plain dict (fields that are None left out), else `obj`."""
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(exclude_none=True)
+    return obj
+
+
+def usage_of(obj: Any) -> dict[str, Any] | None:
+    """The ``usage`` object of an answer or chunk, as a plain dict (None if absent)."""
+    usage = plain(field(obj, "usage"))
+    return usage if isinstance(usage, dict) and usage else None
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's content: a string, or the joined ``text`` of its parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, (list, tuple)):
+        texts = [field(p, "text") for p in content]
+        return "".join(t for t in texts if isinstance(t, str))
+    return ""
+
+
+def _is_index_0(choice: Any) -> bool:
+    index = field(choice, "index")
+    return index is None or index == 0
+
+
+def _first_choice(choices: Any) -> Any:
+    """Choice 0 (the one a caller reads as the answer), else the first one."""
+    if not isinstance(choices, (list, tuple)) or not choices:
+        return None
+    for c in choices:
+        if c is not None and not isinstance(c, _SCALARS) and _is_index_0(c):
+            return c
+    return choices[0]
+
+
+def _in_order(obj: Any, first: tuple[str, ...]) -> Any:
+    """A dict with the keys `first` (those present) first, the others after."""
+    if not isinstance(obj, dict):
+        return obj
+    out = {k: obj[k] for k in first if k in obj}
+    out.update(obj)  # the keys already in `out` keep their place
+    return out
+
+
+def _calls_text(calls: list[Any]) -> str:
+    """A tool-call-only answer as text: the JSON list of its calls, keys in the wire's
+    order (id, type, function: name, arguments) however they were read (a client's
+    models dump theirs alphabetically), so one answer is one training text."""
+    ordered = []
+    for call in calls:
+        call = _in_order(call, ("id", "type", "function"))
+        if isinstance(call, dict) and "function" in call:
+            call = {**call, "function": _in_order(call["function"], ("name", "arguments"))}
+        ordered.append(call)
+    return json.dumps(ordered, ensure_ascii=False)
+
+
+@dataclass
+class Answer:
+    """The first choice of an answer: what a decision records."""
+
+    text: str
+    """The output: the text, or for a tool-call-only answer the JSON list of its calls."""
+    finish_reason: str | None = None
+    tool_calls: list[Any] | None = None
+    n_choices: int = 1
+    model: str | None = None
+    id: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+def answer_of(response: Any, chat: bool) -> Answer:
+    """The first choice of a non-streamed chat (`chat`) or text completion answer; its
+    `text` is ``""`` when there is none (not recordable: the reader refuses empty
+    outputs)."""
+    choices = field(response, "choices")
+    first = _first_choice(choices)
+    answer = Answer(
+        text="",
+        finish_reason=field(first, "finish_reason"),
+        n_choices=len(choices) if isinstance(choices, (list, tuple)) else 1,
+        model=field(response, "model"),
+        id=field(response, "id"),
+        usage=usage_of(response),
+    )
+    if not chat:
+        text = field(first, "text")
+        answer.text = text if isinstance(text, str) else ""
+        return answer
+    msg = field(first, "message")
+    answer.text = content_text(field(msg, "content"))
+    calls = field(msg, "tool_calls")
+    if isinstance(calls, (list, tuple)) and calls:
+        answer.tool_calls = [plain(c) for c in calls]
+    elif function_call := field(msg, "function_call"):  # the legacy single-call shape
+        answer.tool_calls = [{"type": "function", "function": plain(function_call)}]
+    if answer.tool_calls and not answer.text:
+        answer.text = _calls_text(answer.tool_calls)
+    return answer
+
+
+class StreamAssembly:
+    """The first choice of a streamed answer, assembled chunk by chunk (`feed` for
+    parsed chunks, `feed_data` for SSE payloads as bytes); `answer` once it ended."""
+
+    __slots__ = ("chat", "parts", "calls", "model", "finish", "usage", "id", "ended", "bad")
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+        self.parts: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}
+        self.model: str | None = None
+        self.finish: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.id: str | None = None
+        self.ended = False  # saw ``data: [DONE]``
+        self.bad: str | None = None  # why this stream cannot be recorded
+
+    def feed_data(self, payload: bytes) -> bool:
+        """One SSE ``data:`` payload (the bytes after ``data:``, stripped): ``[DONE]``
+        ends the stream; a JSON object is a chunk; anything else spoils the stream.
+        True when it was a chunk."""
+        if payload == b"[DONE]":
+            self.ended = True
+            return False
+        if not payload.startswith(b"{"):
+            self.bad = self.bad or "a data event that is not a JSON object"
+            return False
+        try:
+            chunk = json.loads(payload)
+        except (ValueError, RecursionError):
+            self.bad = self.bad or "a data event that is not valid JSON"
+            return False
+        self.feed(chunk)
+        return True
+
+    def feed(self, chunk: Any) -> None:
+        if field(chunk, "error"):
+            self.bad = "the upstream sent an error event"
+            return
+        self.model = field(chunk, "model") or self.model
+        self.id = field(chunk, "id") or self.id
+        self.usage = usage_of(chunk) or self.usage
+        choices = field(chunk, "choices")
+        for c in choices if isinstance(choices, (list, tuple)) else ():
+            if c is None or isinstance(c, _SCALARS) or not _is_index_0(c):
+                continue
+            finish = field(c, "finish_reason")
+            if finish:
+                self.finish = finish
+            if not self.chat:
+                text = field(c, "text")
+                if isinstance(text, str) and text:
+                    self.parts.append(text)
+                continue
+            delta = field(c, "delta")
+            text = content_text(field(delta, "content"))
+            if text:
+                self.parts.append(text)
+            calls = field(delta, "tool_calls")
+            for call in calls if isinstance(calls, (list, tuple)) else ():
+                self._add_call(call)
+
+    def _add_call(self, call: Any) -> None:
+        """A tool call arrives in pieces: its id and name once, its arguments in parts."""
+        if call is None or isinstance(call, _SCALARS):
+            return
+        index = field(call, "index")
+        entry = self.calls.setdefault(
+            index if isinstance(index, int) else 0,
+            {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+        )
+        if field(call, "id"):
+            entry["id"] = field(call, "id")
+        fn = field(call, "function")
+        for key in ("name", "arguments"):
+            piece = field(fn, key)
+            if isinstance(piece, str):
+                entry["function"][key] += piece
+
+    def answer(self) -> Answer:
+        text = "".join(self.parts)
+        calls = [self.calls[k] for k in sorted(self.calls)] or None
+        if calls and not text:
+            text = _calls_text(calls)
+        return Answer(
+            text=text,
+            finish_reason=self.finish,
+            tool_calls=calls,
+            model=self.model,
+            id=self.id,
+            usage=self.usage,
+        )
+
+
+# --- what servers send --------------------------------------------------------------------
+
+
+def error_body(
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    """The OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def sse_event(obj: Any) -> bytes:
+    """One server-sent event carrying `obj` as JSON."""
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+"""The event that ends an OpenAI stream."""
