@@ -612,14 +612,17 @@ def test_options_are_checked():
     )
     assert parse_prefix("/agents/v1/v1/models") == ({"agent_id": "v1"}, "models")
     assert parse_prefix("/agents/a/agents/b/v1/models") is None
-    # The CLI keeps copies of these constants so `simtune --help` stays fast.
-    from simtune.cli import collect
+    # One declaration (ProxyArgs' module), read by the flags, the proxy and the writer.
+    from simtune.cli.main import build_parser
     from simtune.collect import proxy
+    from simtune.config import proxy as proxy_args
     from simtune.decisions import writer
 
-    assert collect.DEFAULT_PORT == proxy.DEFAULT_PORT
-    assert collect.FSYNC_POLICIES == writer.FSYNC_POLICIES
-    assert collect.CREDIT_RULES == writer.CREDIT_RULES
+    assert writer.FSYNC_POLICIES is proxy_args.FSYNC_POLICIES
+    assert writer.CREDIT_RULES is proxy_args.CREDIT_RULES
+    assert proxy.DEFAULT_PORT == proxy_args.DEFAULT_PORT
+    args = build_parser().parse_args(["collect", "proxy", "--upstream", "http://127.0.0.1:1/v1"])
+    assert args.port == proxy_args.DEFAULT_PORT
 
 
 # --- the real command line -----------------------------------------------------------

@@ -501,13 +501,16 @@ def test_vllm_gets_the_key_in_its_environment_and_an_accepted_lora_rank():
         vllm_lora_rank(513)
 
 
-def test_command_module_copies_match_and_stay_light():
-    from simtune.cli import serve as cmd
+def test_serve_defaults_are_declared_once_and_the_command_stays_light():
+    from simtune.cli.main import build_parser
+    from simtune.config import serve as serve_args
     from simtune.serving import server as serving
     from simtune.serving import vllm
 
-    assert cmd.DEFAULT_PORT == serving.DEFAULT_PORT
-    assert cmd.BACKENDS == vllm.BACKENDS
+    # One declaration (ServeArgs' module) read by the flags and the server alike.
+    assert vllm.BACKENDS is serve_args.BACKENDS
+    assert serving.DEFAULT_PORT == serve_args.DEFAULT_PORT
+    assert build_parser().parse_args(["serve", "--model", "m"]).port == serve_args.DEFAULT_PORT
     code = (
         "import sys; import simtune.cli.serve, simtune.serving.server; "
         "heavy = {'torch', 'transformers', 'peft', 'aiohttp', 'mlflow'} & set(sys.modules); "

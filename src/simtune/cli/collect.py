@@ -12,7 +12,7 @@ import argparse
 from typing import Any
 
 from simtune.config import add_cli_args
-from simtune.config.proxy import CREDIT_RULES, DEFAULT_PORT, FSYNC_POLICIES, ProxyArgs
+from simtune.config.proxy import ProxyArgs
 
 PROXY_DESCRIPTION = """\
 Serve an OpenAI-compatible endpoint (/v1/chat/completions, /v1/completions,
@@ -35,11 +35,6 @@ field simtune_decision_id). Scores can be posted later:
 
 Upstream errors are passed through unchanged and not recorded. Stop with Ctrl-C or
 SIGTERM; the log is closed cleanly and every recorded decision is already on disk."""
-
-# DEFAULT_PORT, FSYNC_POLICIES and CREDIT_RULES are declared with ProxyArgs
-# (simtune.config.proxy), the one source of the proxy's defaults; re-exported here for
-# tests/test_proxy.py, which checks that simtune.collect.proxy's copy still matches.
-__all__ = ["CREDIT_RULES", "DEFAULT_PORT", "FSYNC_POLICIES", "register", "run"]
 
 PROXY_EPILOG = """\
 example:

@@ -10,12 +10,7 @@ import argparse
 from typing import Any
 
 from simtune.config import add_cli_args
-from simtune.config.serve import BACKENDS, DEFAULT_PORT, ServeArgs
-
-# DEFAULT_PORT and BACKENDS are declared with ServeArgs (simtune.config.serve), the one
-# source of serve's defaults; re-exported here for tests/test_serving.py, which checks
-# that simtune.serving's own copies still match.
-__all__ = ["BACKENDS", "DEFAULT_PORT", "register", "run"]
+from simtune.config.serve import ServeArgs
 
 DESCRIPTION = """\
 Serve a base model and one or more LoRA adapters (sharing that base) as an

@@ -112,6 +112,7 @@ from typing import TYPE_CHECKING, Any
 
 from simtune.collect.rules import CallRules
 from simtune.config import resolve_workspace
+from simtune.config.proxy import DEFAULT_PORT  # declared with ProxyArgs (--port's default)
 from simtune.decisions.schema import finite_number
 from simtune.decisions.writer import (
     CREDIT_RULES,
@@ -153,7 +154,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 8100
 DECISION_HEADER = "X-Simtune-Decision-Id"
 DECISION_FIELD = "simtune_decision_id"
 HEADERS = {

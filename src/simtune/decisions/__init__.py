@@ -1,23 +1,21 @@
 """The data side: decision records, readers, curation (stats, export, split, LLM judge).
 
-Curation and the judge load on first use, so importing the recorder stays cheap."""
+Every name loads on first use, so importing one module of the package (the schema, for
+the recorder, the proxy and the OpenAI protocol) does not import the reader and the rest."""
 
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from simtune.decisions.reader import (
-    Dataset,
-    Problem,
-    describe,
-    read_dataset,
-    select,
-    validate_dataset,
-)
-from simtune.decisions.schema import Decision
-
 _LAZY = {
+    "Dataset": "reader",
+    "Problem": "reader",
+    "describe": "reader",
+    "read_dataset": "reader",
+    "select": "reader",
+    "validate_dataset": "reader",
+    "Decision": "schema",
     "Split": "curate",
     "dataset_stats": "curate",
     "export_records": "curate",

@@ -90,6 +90,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from simtune.config.serve import DEFAULT_PORT  # declared with ServeArgs (its flag's default)
 from simtune.errors import ConfigError
 from simtune.openai.http import (
     LoopThread,
@@ -129,8 +130,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-DEFAULT_PORT = 8000
 
 MAX_BODY = 16 * 1024 * 1024
 

@@ -12,13 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from simtune.config.serve import BACKENDS  # declared with ServeArgs (--backend's choices)
 from simtune.errors import ConfigError, SimtuneError
 from simtune.serving.models import BASE_NAME, ServedModel
 
 log = logging.getLogger(__name__)
-
-
-BACKENDS = ("auto", "transformers", "vllm")
 
 
 def vllm_installed() -> bool:
