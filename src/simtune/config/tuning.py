@@ -127,7 +127,10 @@ def build_config(
     known = {f.name for f in dataclasses.fields(TuningConfig)}
     layers: list[tuple[str, dict[str, Any]]] = []
     if yaml_path:
-        layers.append((yaml_path, load_yaml(yaml_path)))
+        from simtune.config.foreign import translate
+
+        # LLaMA-Factory's and TRL's keys are read as simtune's (config/foreign.py).
+        layers.append((yaml_path, translate(load_yaml(yaml_path), yaml_path, known)))
     if overrides:
         layers.append(("", overrides))
     for source, layer in layers:
