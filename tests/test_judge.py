@@ -230,6 +230,60 @@ def test_retries_on_429_and_500(data: Path, llm: StubLLM) -> None:
     assert len(llm.requests) == 5 + 3  # the three failed attempts were asked again
 
 
+def test_retries_on_408_and_409_like_the_openai_client(data: Path, llm: StubLLM) -> None:
+    llm.fail_next(408, 1)
+    llm.fail_next(409, 1)
+    report = rate(data, llm, concurrency=1, max_retries=2)
+    assert (report.rated, report.failed, report.retries) == (2, 0, 2)
+
+
+def test_400_is_not_retried(data: Path, llm: StubLLM) -> None:
+    llm.fail_next(400, 1)
+    report = rate(data, llm, concurrency=1, max_retries=3)
+    assert (report.retries, report.failed) == (0, 1)
+    assert "refused the request (HTTP 400" in report.errors[0]
+
+
+def test_backoff_is_jittered_within_half_to_full_and_capped() -> None:
+    import random
+
+    from simtune.openai.client import MAX_DELAY_S, backoff_delay
+
+    rng = random.Random(0)
+    for attempt in range(4):
+        draws = [backoff_delay(1.0, attempt, rng) for _ in range(200)]
+        full = 2.0**attempt
+        assert min(draws) >= full / 2 and max(draws) <= full
+        assert len({round(d, 6) for d in draws}) > 150  # spread, not one value
+    assert backoff_delay(1.0, 20, rng) == MAX_DELAY_S
+
+
+def test_clients_that_fail_together_retry_apart(stub: StubLLM, caplog) -> None:
+    """Two judge clients hit by the same 503s wait different times before retrying (the
+    delays they log), each within [1/2, 1] of the exponential step."""
+    import logging
+    import re
+
+    from simtune.openai.client import ChatClient
+
+    waits = []
+    for seed in (1, 2):
+        client = ChatClient(stub.url, "judge", max_retries=3, backoff=0.2)
+        client.rng.seed(seed)
+        stub.fail_next(503, 3)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="simtune.openai.client"):
+            assert client.chat([{"role": "user", "content": "Score: ?"}])
+        waits.append([float(w) for w in re.findall(r"retrying in ([\d.]+)s", caplog.text)])
+        assert client.stats()["retries"] == 3
+    assert len(waits[0]) == len(waits[1]) == 3
+    assert waits[0] != waits[1]
+    for series in waits:
+        for attempt, wait in enumerate(series):
+            step = 0.2 * 2**attempt
+            assert step / 2 - 0.005 <= wait <= step + 0.005
+
+
 def test_failures_after_retries_are_counted_then_resumed(
     tmp_path: Path, llm: StubLLM, judge: Judge
 ) -> None:

@@ -459,9 +459,9 @@ class JudgeReward:
     """Asks an OpenAI-compatible chat endpoint to rate each answer 1-5, mapped to
     [-1, 1] by (s - 3) / 2. Unparsable answers score 0.0 (neutral) and are counted.
 
-    Transport failures (no connection, timeouts, 5xx, 429) are retried with
-    exponential backoff (`backoff * 2**attempt` seconds) up to `max_retries` times,
-    then raise. stats(): calls (requests that got an answer), retries, unparsable,
+    Transport failures (no connection, timeouts, HTTP 408, 409, 429, 5xx) are retried
+    with jittered exponential backoff (`backoff * 2**attempt` seconds times a draw from
+    [1/2, 1]) up to `max_retries` times, then raise. stats(): calls (requests that got an answer), retries, unparsable,
     failures (failed attempts)."""
 
     def __init__(

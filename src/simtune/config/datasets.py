@@ -66,7 +66,8 @@ class RateArgs:
     """requests in flight at once (default: 4)"""
 
     max_retries: int = arg(3, flag="--max-retries", group=JUDGE)
-    """retries per request on 429, 5xx, timeouts and lost connections (default: 3)"""
+    """retries per request on 408, 409, 429, 5xx, timeouts and lost connections, with
+    jittered exponential backoff (default: 3)"""
 
     backoff: float = arg(1.0, group=JUDGE)
     """first retry delay in seconds, doubled each retry; a Retry-After wins (default: 1)"""

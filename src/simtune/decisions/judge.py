@@ -27,9 +27,9 @@ Human ratings are never overwritten: a human-rated decision is never sent to the
 judge, not even with `rerate`, which re-rates only decisions the judge rated before
 (ratings of unknown origin are left alone too).
 
-Failures: ChatClient retries transport failures (no connection, timeouts, 429, 5xx)
-with exponential backoff (``backoff * 2**attempt`` s, or the server's Retry-After); a
-decision that still fails is counted, left unrated, and the others go on. After
+Failures: ChatClient retries transport failures (no connection, timeouts, HTTP 408,
+409, 429, 5xx) with jittered exponential backoff (``backoff * 2**attempt`` s times a draw
+from [1/2, 1], or the server's Retry-After); a decision that still fails is counted, left unrated, and the others go on. After
 `max_consecutive_failures` failures in a row (default 20) the run stops: the judge is
 down. A verify answer without a score 1-5 is counted as unparsable and nothing is
 written for it (a rerun asks again).

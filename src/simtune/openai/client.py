@@ -1,10 +1,11 @@
 """A small client for OpenAI-compatible chat endpoints (judges, simulated agents).
 
 Standard library only (urllib), so it works in any process without the `openai`
-package and starts fast. Transport failures -- no connection, a timeout, HTTP 5xx or
-429 -- are retried with exponential backoff (``backoff * 2**attempt`` seconds, or the
-server's ``Retry-After`` when it is shorter than a minute) up to ``max_retries``
-times; other HTTP errors fail at once. Every error names the option the URL came from
+package and starts fast. Transport failures -- no connection, a timeout, HTTP 408, 409,
+429 or 5xx (the statuses the official openai client retries) -- are retried with
+jittered exponential backoff (a draw from [1/2, 1] x ``backoff * 2**attempt`` seconds,
+at most 30 s; or the server's ``Retry-After`` when it is shorter than a minute) up to
+``max_retries`` times; other HTTP errors fail at once. Every error names the option the URL came from
 (``what``, e.g. ``--judge_url``), so the CLI can print it as one line.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 import threading
 import time
@@ -63,11 +65,25 @@ def request_json(
         raise ValueError(f"not JSON: {body[:200]!r}") from None
 
 
+# Statuses worth asking again, as the official openai client retries them: 408 Request
+# Timeout and 409 Conflict (a lock or a busy replica), 429 Too Many Requests, any 5xx.
+RETRY_STATUSES = frozenset({408, 409, 429})
+MAX_DELAY_S = 30.0  # no single wait longer than this, whatever the attempt
+
+
 def transient(exc: BaseException) -> bool:
-    """Worth retrying: no connection, a timeout, a 5xx or a 429."""
+    """Worth retrying: no connection, a timeout, a 408, 409, 429 or any 5xx."""
     if isinstance(exc, urllib.error.HTTPError):
-        return exc.code >= 500 or exc.code == 429
+        return exc.code >= 500 or exc.code in RETRY_STATUSES
     return isinstance(exc, (urllib.error.URLError, TimeoutError, ConnectionError, OSError))
+
+
+def backoff_delay(backoff: float, attempt: int, rng: random.Random) -> float:
+    """Exponential back-off with jitter: a uniform draw from [1/2, 1] x backoff x 2^attempt,
+    at most MAX_DELAY_S. Without the jitter, judge workers that failed together (a rate
+    limit hits them all at once) retry together and collide again; the draw spreads them
+    while keeping at least half of each wait (AWS's "equal jitter")."""
+    return min(MAX_DELAY_S, backoff * 2**attempt * rng.uniform(0.5, 1.0))
 
 
 def describe(exc: BaseException) -> str:
@@ -142,6 +158,7 @@ class ChatClient:
         self.timeout = float(timeout)
         self.max_retries = max(0, int(max_retries))
         self.backoff = float(backoff)
+        self.rng = random.Random()  # the jitter's draws; tests may seed it
         self._lock = threading.Lock()
         self.counts = {"calls": 0, "retries": 0, "failures": 0}
 
@@ -186,10 +203,11 @@ class ChatClient:
                     f"{self.max_retries + 1} attempts)"
                 )
             self.count("retries")
-            delay = _retry_after(error)
-            delay = self.backoff * 2**attempt if delay is None else delay
+            delay = _retry_after(error)  # the server's Retry-After, when it gives one
+            if delay is None:
+                delay = backoff_delay(self.backoff, attempt, self.rng)
             log.warning(
-                "%s at %s: %s; retrying in %.1fs", self.label, self.base, describe(error), delay
+                "%s at %s: %s; retrying in %.2fs", self.label, self.base, describe(error), delay
             )
             time.sleep(delay)
         raise AssertionError("unreachable")
