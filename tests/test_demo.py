@@ -51,10 +51,12 @@ def test_quick_demo_runs_every_stage_and_ppo_is_not_below_base(tmp_path):
     meta = json.loads((Path(ppo["adapter_path"]) / "simtune.json").read_text())
     assert meta["continued_from_adapter"] == sft["adapter_path"]
     client = mlflow.MlflowClient(result["tracking_uri"])
-    for job, name in ((sft, "simtune-demo-sft"), (ppo, "simtune-demo-ppo")):
-        assert job["registered_model_name"] == name
+    # one registered model for the demo's experiment, the mode a version tag
+    for job, mode in ((sft, "sft"), (ppo, "ppo")):
+        name = job["registered_model_name"]
+        assert name == "simtune-demo"
         version = client.get_model_version(name, job["registered_model_version"])
-        assert version.run_id == job["run_id"]
+        assert version.run_id == job["run_id"] and version.tags["simtune.tuning_mode"] == mode
         assert client.get_run(job["run_id"]).info.status == "FINISHED"
         assert job["model_id"] in out
     losses = [m.value for m in client.get_metric_history(sft["run_id"], "train/loss")]

@@ -116,7 +116,7 @@ def test_offline_ppo_prefers_rewarded_answers_on_held_out_prompts(tiny_model, wo
         history = client.get_metric_history(result.run_id, name)
         assert [m.step for m in history] == list(range(1, 9)), name
     assert Path(result.adapter_path, "value_head.safetensors").is_file()
-    assert result.registered_model_name == "llm_tuning-ppo"
+    assert result.registered_model_name == "llm_tuning"
     entries = json.loads((workspace / "models" / "registry.json").read_text())["models"]
     assert entries[0]["tuning_mode"] == "ppo" and entries[0]["model_id"] == result.model_id
     assert result.dataset["num_ppo_samples"] == 2 * len(SKILLS)
@@ -448,7 +448,7 @@ def test_reward_model_trains_registers_and_drives_online_ppo(tiny_model, workspa
         lora_dropout=0.0,
         seed=0,
     )
-    assert rm.registered_model_name == "llm_tuning-reward"
+    assert rm.registered_model_name == "llm_tuning"
     client = mlflow.MlflowClient(rm.tracking_uri)
     assert client.get_run(rm.run_id).info.status == "FINISHED"
     assert len(client.get_metric_history(rm.run_id, "train/loss")) == 15

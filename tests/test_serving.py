@@ -362,8 +362,8 @@ def test_resolve_served_from_the_mlflow_registry(trained, tiny_model, tmp_path):
 
     ws, a, b = trained
     name, version = b.registered_model_name, b.registered_model_version
-    s = resolve_served(f"{name}@{version}", workspace=ws)
-    assert s.name == f"{name}@{version}"
+    s = resolve_served(f"{name}/{version}", workspace=ws)
+    assert s.name == f"{name}/{version}"
     assert s.training_run_id == b.run_id and s.registered_version == version
     assert Path(s.adapter_dir, "adapter_model.safetensors").is_file()
     assert s.base_model == str(tiny_model.resolve())
@@ -379,8 +379,8 @@ def test_resolve_served_from_the_mlflow_registry(trained, tiny_model, tmp_path):
     local = resolve_served(a.model_id, workspace=ws)
     assert (local.name, local.training_run_id) == (a.model_id, a.run_id)
     assert resolve_served(str(tiny_model), workspace=ws).adapter_dir is None
-    with pytest.raises(ModelError, match="no version or alias '99'"):
-        resolve_served(f"{name}@99", workspace=ws)
+    with pytest.raises(ModelError, match=r"has no version 99 \(versions: "):
+        resolve_served(f"{name}/99", workspace=ws)
     with pytest.raises(ModelError, match="--model: unknown model 'nope'"):
         resolve_served("nope", workspace=ws)
 

@@ -67,7 +67,7 @@ def test_cli_train_against_mlflow_server(mlflow_server, tiny_model, workspace, t
     assert "adapter" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
     name = result["registered_model_name"]
-    assert name == "server-test-sft"
+    assert name == "server-test"  # one registered model per experiment
     versions = client.search_model_versions(f"name='{name}'")
     assert [v.version for v in versions] == [result["registered_model_version"]]
     assert versions[0].run_id == result["run_id"]

@@ -393,7 +393,7 @@ def _check_models(models: Sequence[str]) -> list[str]:
     specs = [str(m).strip() for m in models or []]
     if not specs or any(not s for s in specs):
         raise ConfigError(
-            "--model: name at least one model (an id, NAME[@VERSION], a path or 'base')"
+            "--model: name at least one model (an id, NAME/VERSION, NAME@ALIAS, a path or 'base')"
         )
     dupes = sorted({s for s in specs if specs.count(s) > 1})
     if dupes:

@@ -25,6 +25,8 @@ from simtune.config import FILTERS, DataArgs, add_cli_args, namespace_to
 from simtune.config.datasets import (
     DataInputs,
     ExportArgs,
+    ImportTracesArgs,
+    MirrorTracesArgs,
     RateArgs,
     SplitArgs,
     StatsArgs,
@@ -132,6 +134,31 @@ def register(sub: Any) -> None:
     add_cli_args(t, SplitArgs)
     _add_filters(t)
     t.set_defaults(handler=run_split)
+
+    i = actions.add_parser(
+        "import-traces",
+        help="MLflow traces (chat-model spans) and their feedback -> decision records",
+        description="Read the traces of an MLflow experiment (e.g. made by "
+        "mlflow.openai.autolog()), take each trace's first chat-model span (request "
+        "messages, answer, model, times) and its feedback (mlflow.log_feedback) and append "
+        "them as decisions to a new file in envs/NAME/datasets/. The trace id is the "
+        "decision id: a rerun skips traces already imported. Feedback 'reward' becomes the "
+        "reward and 'rating' the rating unless --feedback maps other names; numbers are "
+        "kept, booleans are 1/0.",
+    )
+    add_cli_args(i, ImportTracesArgs)
+    i.set_defaults(handler=run_import_traces)
+
+    m = actions.add_parser(
+        "mirror-traces",
+        help="write one MLflow trace per recorded decision (reward/rating as feedback)",
+        description="Opt-in: one MLflow trace per decision of envs/NAME/datasets/ not "
+        "mirrored yet, tagged simtune.decision_id (and agent, step, run), its reward and "
+        "rating logged as feedback, to browse decisions beside the training runs. The JSONL "
+        "files stay the record; nothing in them changes.",
+    )
+    add_cli_args(m, MirrorTracesArgs)
+    m.set_defaults(handler=run_mirror_traces)
 
 
 # --- shared ----------------------------------------------------------------------------------
@@ -473,5 +500,59 @@ def run_split(args: argparse.Namespace) -> int:
             if split.keyless
             else ""
         )
+    )
+    return 0
+
+
+def run_import_traces(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from simtune.config import raise_problems
+    from simtune.tracking.traces import import_traces
+
+    opts = namespace_to(ImportTracesArgs, args)
+    raise_problems(opts.problems())
+    report = import_traces(
+        experiment_name=opts.experiment_name,
+        env=opts.env,
+        workspace=opts.workspace,
+        tracking_uri=opts.tracking_uri,
+        run_id=opts.run_id,
+        feedback=opts.feedback,
+    )
+    if opts.json:
+        _write(json.dumps(asdict(report), indent=2) + "\n")
+        return 0
+    _write(
+        f"imported {report.imported} trace(s) ({report.with_reward} with a reward, "
+        f"{report.with_rating} with a rating)"
+        + (f" into {report.path}" if report.path else "")
+        + f"; skipped {report.already} already imported, {report.not_chat} without a chat "
+        "span\n"
+    )
+    return 0
+
+
+def run_mirror_traces(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from simtune.config import raise_problems
+    from simtune.tracking.traces import mirror_traces
+
+    opts = namespace_to(MirrorTracesArgs, args)
+    raise_problems(opts.problems())
+    report = mirror_traces(
+        env=opts.env,
+        experiment_name=opts.experiment_name,
+        workspace=opts.workspace,
+        tracking_uri=opts.tracking_uri,
+    )
+    if opts.json:
+        _write(json.dumps(asdict(report), indent=2) + "\n")
+        return 0
+    _write(
+        f"mirrored {report.mirrored} decision(s) as traces in experiment "
+        f"{opts.experiment_name} ({report.experiment_id}); skipped {report.already} already "
+        f"mirrored, {report.from_traces} imported from traces\n"
     )
     return 0

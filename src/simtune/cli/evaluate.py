@@ -32,7 +32,7 @@ EPILOG = """\
 examples:
   simtune eval --model sft-tiny-20250101-120000-ab12cd --model base \\
       --dataset_path heldout.jsonl --reward_fn rewards.py:score
-  simtune eval --model llm_tuning-sft@2 --model llm_tuning-ppo --model base \\
+  simtune eval --model llm_tuning/2 --model llm_tuning@champion --model base \\
       --sim job_market --episodes 5 --seed 1000"""
 
 # Shown as rates / signed rewards / counts in the table.

@@ -53,6 +53,7 @@ def build_parser() -> Parser:
         JsonListArgs,
         ModelIdArgs,
         ModelsDeleteArgs,
+        ModelsPromoteArgs,
         ResultJsonArgs,
         TinyModelArgs,
         TrainFileArgs,
@@ -72,7 +73,10 @@ def build_parser() -> Parser:
     _add_config_flags(t)
     add_cli_args(t, ResultJsonArgs)
 
-    m = sub.add_parser("models", help="list, show or delete models in the local registry")
+    m = sub.add_parser(
+        "models",
+        help="list, show or delete models in the local registry; move an MLflow alias",
+    )
     add_cli_args(m, WorkspaceArgs)
     msub = m.add_subparsers(
         dest="models_command", metavar="ACTION", parser_class=Parser, required=True
@@ -85,6 +89,15 @@ def build_parser() -> Parser:
     add_cli_args(
         msub.add_parser("delete", help="remove a model's registry entry and its directory"),
         ModelsDeleteArgs,
+    )
+    add_cli_args(
+        msub.add_parser(
+            "promote",
+            help="point an MLflow alias (e.g. champion) at a registered model version",
+            description="Point alias ALIAS of registered MLflow model NAME at VERSION "
+            "(set or move it). Serve it with `simtune serve --model NAME@ALIAS`.",
+        ),
+        ModelsPromoteArgs,
     )
 
     add_cli_args(sub.add_parser("ui", help="open the MLflow UI on the workspace's store"), UiArgs)
@@ -246,15 +259,26 @@ def cmd_models(args: argparse.Namespace) -> int:
     recover_workspace(ws)  # list what is published, not what a killed job half-left
     reg = Registry(ws)
     console = Console()
+    if args.models_command == "promote":
+        return _promote(args, ws, console)
     if args.models_command == "list":
         entries = reg.list()
+        if entries:
+            from simtune.tracking.aliases import entry_aliases
+
+            aliases = entry_aliases(entries, ws)
+            for e in entries:
+                if e["model_id"] in aliases:
+                    e["mlflow_aliases"] = aliases[e["model_id"]]
         if args.json:
             sys.stdout.write(json.dumps(entries, indent=2) + "\n")
             return 0
         if not entries:
             console.print(f"no models registered in {reg.path}")
             return 0
-        table = Table("model id", "mode", "base model", "train loss", "MLflow model", "created")
+        table = Table(
+            "model id", "mode", "base model", "train loss", "MLflow model", "aliases", "created"
+        )
         for e in entries:
             ml = e.get("mlflow", {})
             loss = e.get("metrics", {}).get("train_loss")
@@ -263,14 +287,20 @@ def cmd_models(args: argparse.Namespace) -> int:
                 e.get("tuning_mode", ""),
                 Path(e.get("base_model", "")).name,
                 "" if loss is None else f"{loss:.4f}",
-                f"{ml.get('registered_model_name', '')} v{ml.get('registered_model_version', '')}"
+                f"{ml.get('registered_model_name', '')}/{ml.get('registered_model_version', '')}"
                 if ml.get("synced", True)
                 else "not yet synced (simtune sync)",
+                ", ".join(e.get("mlflow_aliases", [])),
                 e.get("created_at", "")[:19],
             )
         console.print(table)
     elif args.models_command == "show":
+        from simtune.tracking.aliases import entry_aliases
+
         entry = reg.get(args.model_id)
+        aliases = entry_aliases([entry], ws)
+        if args.model_id in aliases:
+            entry["mlflow_aliases"] = aliases[args.model_id]
         meta_path = Path(entry["path"]) / "simtune.json"
         out = {
             "registry": entry,
@@ -284,6 +314,33 @@ def cmd_models(args: argparse.Namespace) -> int:
             + ("" if args.keep_files else f" and {entry['path']}")
             + " (its MLflow run and registered version are kept)"
         )
+    return 0
+
+
+def _promote(args: argparse.Namespace, ws: Path, console: Any) -> int:
+    from simtune.config import raise_problems
+    from simtune.config.cli_args import namespace_to
+    from simtune.config.commands import ModelsPromoteArgs
+    from simtune.tracking.aliases import promote
+
+    opts = namespace_to(ModelsPromoteArgs, args)
+    raise_problems(opts.problems())
+    done = promote(
+        opts.name, opts.version, opts.alias, tracking_uri=opts.tracking_uri, workspace=ws
+    )
+    if opts.json:
+        sys.stdout.write(json.dumps(done, indent=2) + "\n")
+        return 0
+    moved = (
+        f" (was version {done['previous_version']})"
+        if done["previous_version"] and done["previous_version"] != done["version"]
+        else ""
+    )
+    mode = f", {done['tuning_mode']}" if done["tuning_mode"] else ""
+    console.print(
+        f"{done['name']}@{done['alias']} -> version {done['version']}{mode}{moved}; serve it "
+        f"with `simtune serve --model {done['name']}@{done['alias']}`"
+    )
     return 0
 
 

@@ -21,9 +21,12 @@ batch, mixed adapters included.
 
 --model takes (repeatable):
   a local model id        sft-tiny-20250101-120000-ab12cd   (models/registry.json)
-  an MLflow model         NAME, NAME@VERSION, NAME@alias or models:/NAME/VERSION
+  an MLflow model         NAME (latest), NAME/VERSION, NAME@ALIAS,
+                          models:/NAME/VERSION or models:/NAME@ALIAS
+                          ('/' names a version, '@' an alias; NAME@2 for version 2
+                          is deprecated: write NAME/2)
   a directory             an adapter (adapter_config.json) or a base model
-Served names: the model id, NAME@VERSION for MLflow models, the directory's name for
+Served names: the model id, NAME/VERSION for MLflow models, the directory's name for
 an adapter directory, and "base".
 
 Backends: transformers (in-process, CPU or GPU, always available) or vllm (vLLM's
@@ -32,9 +35,11 @@ when both are there. Stop with Ctrl-C or SIGTERM."""
 
 EPILOG = """\
 example:
-  simtune serve --model sft-tiny-20250101-120000-ab12cd --model llm_tuning-ppo@3
+  simtune serve --model sft-tiny-20250101-120000-ab12cd --model llm_tuning@champion
   # then:  OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x")
-  #        .chat.completions.create(model="llm_tuning-ppo@3", messages=[...])"""
+  #        .chat.completions.create(model="llm_tuning/3", messages=[...])
+  # (the served name is NAME/VERSION of the version the alias pointed to; GET /v1/models
+  # lists it)"""
 
 
 def register(sub: Any) -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from simtune.config.checks import positive_int
 from simtune.config.common import precision_arg, workspace_arg
 from simtune.config.fields import arg
+from simtune.config.names import alias_problem, mlflow_name_problem
 from simtune.config.proxy import CREDIT_RULES
 
 # --- models, ui, make-tiny-model, sync -----------------------------------------------------
@@ -42,6 +43,38 @@ class ModelsDeleteArgs(ModelIdArgs):
 
     keep_files: bool = arg(False, flag="--keep-files", variants=False)
     """keep models/<model_id>/ on disk"""
+
+
+@dataclass
+class ModelsPromoteArgs:
+    """`models promote NAME VERSION --alias ALIAS`: point an MLflow alias at a version."""
+
+    name: str = arg("", positional=True, metavar="NAME")
+    """registered MLflow model (default name of a job's model: its experiment)"""
+
+    version: str = arg("", positional=True, metavar="VERSION")
+    """version number to point the alias at"""
+
+    alias: str = arg("", required=True, metavar="ALIAS")
+    """alias to set or move, e.g. champion (letters, digits, '_', '-'; not a number)"""
+
+    tracking_uri: str | None = arg(None, metavar="URI")
+    """MLflow store (default: $MLFLOW_TRACKING_URI, else the workspace's mlflow.db)"""
+
+    json: bool = False
+    """print the result as JSON"""
+
+    def problems(self) -> list[str]:
+        out = [
+            mlflow_name_problem(self.name, "NAME"),
+            alias_problem(self.alias),
+            None
+            if self.version.isdigit() and int(self.version) > 0
+            else f"VERSION {self.version!r}: a version number (1, 2, ...)",
+        ]
+        if any(c in self.name for c in "/:@"):
+            out.append(f"NAME {self.name!r}: a registered model name (no '/', ':' or '@')")
+        return [p for p in out if p]
 
 
 @dataclass
@@ -227,9 +260,9 @@ class EvalArgs:
     models: list[str] | None = arg(
         None, flag="--model", action="append", required=True, metavar="SPEC"
     )
-    """a model to evaluate (repeat to compare): a simtune model id, an MLflow
-    NAME[@VERSION] or models:/NAME/V, an adapter or model directory, a .gguf file, or
-    'base' (the base model of the others)"""
+    """a model to evaluate (repeat to compare): a simtune model id, an MLflow NAME (latest
+    version), NAME/VERSION, NAME@ALIAS, models:/NAME/VERSION or models:/NAME@ALIAS, an
+    adapter or model directory, a .gguf file, or 'base' (the base model of the others)"""
 
     dataset_path: list[str] | None = arg(None, metavar="PATH", exclusive=TARGET)
     """held-out decision files or directories (any format `simtune train` reads)"""

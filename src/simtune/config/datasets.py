@@ -123,3 +123,87 @@ class SplitArgs:
 
     force: bool = False
     """replace existing files in DIR"""
+
+
+TRACES = "MLflow traces"
+SCORES = ("reward", "rating")
+DEFAULT_FEEDBACK = {"reward": "reward", "rating": "rating"}
+
+
+def parse_feedback_map(items: list[str] | None) -> dict[str, str]:
+    """`--feedback NAME=reward|rating` (repeatable) -> {feedback name: score}; the
+    defaults (feedback 'reward' -> reward, 'rating' -> rating) stay unless an item maps
+    the same score or names the same feedback."""
+    from simtune.errors import ConfigError
+
+    out = dict(DEFAULT_FEEDBACK)
+    for item in items or []:
+        name, sep, score = item.partition("=")
+        name, score = name.strip(), score.strip()
+        if not sep or not name or score not in SCORES:
+            raise ConfigError(f"--feedback {item!r}: write FEEDBACK_NAME=reward or =rating")
+        out = {k: v for k, v in out.items() if v != score and k != name}
+        out[name] = score
+    return out
+
+
+@dataclass
+class ImportTracesArgs:
+    """`simtune data import-traces`: MLflow traces (and their feedback) -> decisions."""
+
+    env: str = arg("", flag="--env", required=True, metavar="NAME")
+    """write the decisions into <workspace>/envs/NAME/datasets/ (a new file)"""
+
+    experiment_name: str = arg("", required=True, metavar="NAME", group=TRACES)
+    """MLflow experiment holding the traces"""
+
+    run_id: str | None = arg(None, flag="--run-id", metavar="ID", group=TRACES)
+    """only the traces of this MLflow run"""
+
+    feedback: list[str] | None = arg(None, action="append", metavar="NAME=SCORE", group=TRACES)
+    """map a feedback name to a score: NAME=reward or NAME=rating (repeatable; default:
+    feedback 'reward' is the reward, 'rating' the rating)"""
+
+    tracking_uri: str | None = arg(None, metavar="URI", group=TRACES)
+    """MLflow store (default: $MLFLOW_TRACKING_URI, else the workspace's mlflow.db)"""
+
+    workspace: str | None = workspace_arg()
+
+    json: bool = False
+    """print the report as JSON"""
+
+    def problems(self) -> list[str]:
+        from simtune.config.names import mlflow_name_problem
+        from simtune.errors import ConfigError
+
+        out = [mlflow_name_problem(self.experiment_name, "--experiment_name")]
+        try:
+            parse_feedback_map(self.feedback)
+        except ConfigError as exc:
+            out.append(str(exc))
+        return [p for p in out if p]
+
+
+@dataclass
+class MirrorTracesArgs:
+    """`simtune data mirror-traces`: one MLflow trace per recorded decision (opt-in)."""
+
+    env: str = arg("", flag="--env", required=True, metavar="NAME")
+    """mirror the decisions of <workspace>/envs/NAME/datasets/"""
+
+    experiment_name: str = arg("llm_tuning", metavar="NAME", group=TRACES)
+    """MLflow experiment to write the traces into (default: llm_tuning, beside the
+    training runs)"""
+
+    tracking_uri: str | None = arg(None, metavar="URI", group=TRACES)
+    """MLflow store (default: $MLFLOW_TRACKING_URI, else the workspace's mlflow.db)"""
+
+    workspace: str | None = workspace_arg()
+
+    json: bool = False
+    """print the report as JSON"""
+
+    def problems(self) -> list[str]:
+        from simtune.config.names import mlflow_name_problem
+
+        return [p for p in [mlflow_name_problem(self.experiment_name, "--experiment_name")] if p]

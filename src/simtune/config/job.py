@@ -56,7 +56,8 @@ class JobArgs:
     """MLflow run name (default: the model id)."""
 
     registered_model_name: str | None = None
-    """Name in the MLflow Model Registry (default: <experiment_name>-<tuning_mode>)."""
+    """Name in the MLflow Model Registry (default: the experiment name: one registered
+    model per experiment, each job a new version tagged with its simtune.tuning_mode)."""
 
     devices: str | None = None
     """CUDA devices to use, e.g. '0' or '0,1' (sets CUDA_VISIBLE_DEVICES); CPU is used
@@ -87,6 +88,12 @@ class JobArgs:
                 )
         for name in ("experiment_name", "registered_model_name", "run_name"):
             out.append(mlflow_name_problem(getattr(self, name), f"--{name}"))
+        if self.registered_model_name is None and any(c in self.experiment_name for c in "/:"):
+            out.append(
+                f"--experiment_name {self.experiment_name!r} is also the default "
+                "--registered_model_name, which may not contain '/' or ':'; give "
+                "--registered_model_name"
+            )
         return [p for p in out if p]
 
     def workspace_path(self) -> Path:

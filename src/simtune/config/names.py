@@ -38,6 +38,22 @@ def mlflow_name_problem(value: str | None, flag: str) -> str | None:
     return None
 
 
+_ALIAS = re.compile(r"^[\w-]{1,255}$", re.ASCII)
+
+
+def alias_problem(value: str, flag: str = "--alias") -> str | None:
+    """A registered-model alias: MLflow's rules (1-255 letters, digits, '_' or '-'; not
+    'latest', not 'v<digits>', which MLflow reserves), and not all digits, since
+    `NAME/2` names version 2 and `NAME@2` once did too."""
+    if not _ALIAS.match(value or ""):
+        return f"{flag} {value!r}: 1-255 letters, digits, '_' or '-'"
+    if value.isdigit():
+        return f"{flag} {value!r}: an alias may not be a number (NAME/{value} is version {value})"
+    if value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+        return f"{flag} {value!r}: reserved by MLflow ('latest' and v<number> name versions)"
+    return None
+
+
 def check_mlflow_name(value: str | None, flag: str) -> None:
     """`mlflow_name_problem`, raised."""
     problem = mlflow_name_problem(value, flag)

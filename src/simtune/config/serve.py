@@ -26,11 +26,12 @@ class ServedModels:
         aliases=["-m"],
         action="append",
         required=True,
-        metavar="ID|NAME[@VERSION]|PATH",
+        metavar="ID|NAME[/VERSION|@ALIAS]|PATH",
     )
-    """model to serve (repeat for several adapters on one base): a model id, MLflow
-    NAME[@VERSION], an adapter or base model directory, or a .gguf file (dequantized
-    once into the workspace's cache/models/)"""
+    """model to serve (repeat for several adapters on one base): a model id, an MLflow
+    NAME (latest version), NAME/VERSION, NAME@ALIAS or models:/ URI, an adapter or base
+    model directory, or a .gguf file (dequantized once into the workspace's
+    cache/models/)"""
 
 
 @dataclass
@@ -47,7 +48,7 @@ class ServeArgs(ListenArgs, ServedModels):
     workspace: str | None = workspace_arg()
 
     tracking_uri: str | None = None
-    """MLflow store for NAME[@VERSION] models (default: $MLFLOW_TRACKING_URI or the
+    """MLflow store for registered (NAME/VERSION, NAME@ALIAS) models (default: $MLFLOW_TRACKING_URI or the
     workspace's mlflow.db)"""
 
     max_batch_size: int = arg(8, flag="--max-batch-size")

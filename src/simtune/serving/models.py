@@ -1,6 +1,13 @@
-"""Which models a `--model` names: a model id, a directory, a registered `NAME[@VERSION]` or
-`models:/` URI, resolved to a base model and LoRA adapter directories (what is served
-under which name), apart from the engine that generates and the server that speaks HTTP.
+"""Which models a `--model` names: a model id, a directory, a registered MLflow model
+(`NAME`, `NAME/VERSION`, `NAME@ALIAS`, `models:/NAME/VERSION`, `models:/NAME@ALIAS`),
+resolved to a base model and LoRA adapter directories (what is served under which name),
+apart from the engine that generates and the server that speaks HTTP.
+
+The rule for registered models (`parse_registered`): `/` names a version, `@` an alias,
+as in MLflow's own `models:/` URIs. `NAME@2` meant version 2 before aliases existed; an
+alias may itself be called "2" in MLflow, so that form is deprecated: it still means
+version 2 for one release, with a warning to write `NAME/2` (`models:/NAME@2` is always
+the alias, as in MLflow).
 """
 
 from __future__ import annotations
@@ -28,6 +35,73 @@ BASE_NAME = "base"
 _VERSION = re.compile(r"^\d+$")
 
 
+@dataclass(frozen=True)
+class RegisteredSpec:
+    """A registered MLflow model as a `--model` names it: at most one of version and
+    alias; neither means the latest version."""
+
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    def __str__(self) -> str:
+        if self.version:
+            return f"{self.name}/{self.version}"
+        return f"{self.name}@{self.alias}" if self.alias else self.name
+
+
+def parse_registered(spec: str, flag: str = "--model") -> RegisteredSpec | None:
+    """`models:/NAME/VERSION`, `models:/NAME@ALIAS`, `models:/NAME`, `NAME/VERSION`,
+    `NAME@ALIAS` or `NAME`; None for what cannot be a registered model (a path). A
+    `models:/` URI that is malformed raises ConfigError. `NAME@<digits>` is read as
+    version <digits> with a DeprecationWarning (see the module docstring)."""
+    spec = spec.strip()
+    if spec.startswith("models:/"):
+        rest = spec[len("models:/") :].strip("/")
+        name, sep, alias = rest.partition("@")
+        if not sep and "/" in rest:
+            name, version = rest.rsplit("/", 1)
+            if "/" in name or not _VERSION.match(version):
+                raise ConfigError(
+                    f"{flag} {spec}: write models:/NAME/VERSION (a version number) or "
+                    "models:/NAME@ALIAS"
+                )
+            return RegisteredSpec(name, version=version)
+        if not name or "/" in name or (sep and not alias):
+            raise ConfigError(f"{flag} {spec}: write models:/NAME/VERSION or models:/NAME@ALIAS")
+        return RegisteredSpec(name, alias=alias or None)
+    if not spec or spec.startswith((".", "/", "~")):
+        return None
+    if "@" in spec:
+        name, _, alias = spec.rpartition("@")
+        if not name or not alias or "/" in name or "/" in alias:
+            return None
+        if _VERSION.match(alias):
+            import warnings
+
+            warnings.warn(
+                f"{flag} {spec}: NAME@{alias} for version {alias} is deprecated ('@' names an "
+                f"alias, and an alias may be called {alias!r}); write {name}/{alias}",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            log.warning(
+                "%s %s: NAME@%s for version %s is deprecated; write %s/%s",
+                flag,
+                spec,
+                alias,
+                alias,
+                name,
+                alias,
+            )
+            return RegisteredSpec(name, version=alias)
+        return RegisteredSpec(name, alias=alias)
+    if spec.count("/") == 1:
+        name, version = spec.split("/")
+        return RegisteredSpec(name, version=version) if name and _VERSION.match(version) else None
+    return None if "/" in spec else RegisteredSpec(spec)
+
+
 @dataclass
 class ServedModel:
     """One thing `simtune serve --model` named, resolved to files."""
@@ -48,8 +122,9 @@ def resolve_served(
 ) -> ServedModel:
     """Resolve one ``--model`` value, cheapest source first: an MLflow ``models:/`` URI, a
     directory (adapter or base model), a local model id (``models/registry.json``), an
-    MLflow registered model ``NAME``, ``NAME@VERSION`` or ``NAME@alias`` (its adapter is
-    downloaded once into ``<workspace>/models/.mlflow-cache/``; versions never change)."""
+    MLflow registered model (`parse_registered`: ``NAME``, ``NAME/VERSION``, ``NAME@ALIAS``;
+    its adapter is downloaded once into ``<workspace>/models/.mlflow-cache/``; versions
+    never change). A registered model is served as ``NAME/VERSION``."""
     ws = resolve_workspace(workspace)
     spec = str(spec).strip()
     if not spec:
@@ -57,17 +132,15 @@ def resolve_served(
     if spec == BASE_NAME:
         raise ConfigError(
             "--model base: the base model is always served as 'base'; name an adapter "
-            "(model id, MLflow NAME[@VERSION] or directory) or a base model directory"
+            "(model id, MLflow NAME, NAME/VERSION or NAME@ALIAS, or directory) or a base "
+            "model directory"
         )
     if spec.startswith("models:/"):
-        rest = spec[len("models:/") :].strip("/")
-        if "/" in rest:
-            name, version = rest.rsplit("/", 1)
-        else:
-            name, _, version = rest.partition("@")
-        found = _from_mlflow(name, version or None, ws, tracking_uri, spec)
+        reg = parse_registered(spec)
+        assert reg is not None
+        found = _from_mlflow(reg, ws, tracking_uri, spec)
         if found is None:
-            raise ModelError(f"--model: no registered MLflow model {name!r} ({spec})")
+            raise ModelError(f"--model: no registered MLflow model {reg.name!r} ({spec})")
         return found
     path = Path(spec).expanduser()
     if path.is_dir():
@@ -84,9 +157,9 @@ def resolve_served(
     local = ws / "models" / spec
     if re.match(r"^[\w.-]+$", spec) and (local / "adapter_config.json").is_file():
         return _from_path(local, spec, name=spec)  # a model dir whose registry entry is gone
-    if not spec.startswith((".", "/", "~")):
-        name, _, version = spec.rpartition("@") if "@" in spec else (spec, "", "")
-        found = _from_mlflow(name, version or None, ws, tracking_uri, spec)
+    reg = parse_registered(spec)
+    if reg is not None:
+        found = _from_mlflow(reg, ws, tracking_uri, spec)
         if found is not None:
             return found
     raise ModelError(
@@ -167,9 +240,10 @@ def _from_registry(entry: dict[str, Any], spec: str) -> ServedModel:
 
 
 def _from_mlflow(
-    name: str, version: str | None, ws: Path, tracking_uri: str | None, spec: str
+    reg: RegisteredSpec, ws: Path, tracking_uri: str | None, spec: str
 ) -> ServedModel | None:
     """The adapter of a registered MLflow model version, or None when no such model."""
+    name, version, alias = reg.name, reg.version, reg.alias
     from simtune.tracking.tracker import check_reachable, resolve_tracking_uri, sqlite_path
 
     uri = resolve_tracking_uri(tracking_uri, ws)
@@ -188,18 +262,26 @@ def _from_mlflow(
         return None
     if not versions:
         return None
+    known = sorted(int(v.version) for v in versions)
     try:
-        if version is None:
-            mv = max(versions, key=lambda v: int(v.version))
-        elif _VERSION.match(version):
+        if alias is not None:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif version is not None:
             mv = client.get_model_version(name, version)
         else:
-            mv = client.get_model_version_by_alias(name, version)
+            mv = max(versions, key=lambda v: int(v.version))
     except MlflowException:
-        latest = max(int(v.version) for v in versions)
+        if alias is not None:
+            aliases = _aliases(client, name)
+            raise ModelError(
+                f"--model {spec}: MLflow model {name!r} has no alias {alias!r} (aliases: "
+                + (", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none")
+                + f"; set one with `simtune models promote {name} VERSION --alias {alias}`)"
+            ) from None
         raise ModelError(
-            f"--model: MLflow model {name!r} has no version or alias {version!r} "
-            f"(latest version: {latest})"
+            f"--model {spec}: MLflow model {name!r} has no version {version} (versions: "
+            + ", ".join(map(str, known))
+            + ")"
         ) from None
     ver = str(mv.version)
     # Beside the local models (and git-ignored with them); one folder per store, since two
@@ -228,12 +310,22 @@ def _from_mlflow(
     served = _from_path(
         target,
         spec,
-        name=f"{name}@{ver}",
+        name=f"{name}/{ver}",
         run_id=mv.run_id,
         registered_name=name,
         registered_version=ver,
     )
     return served
+
+
+def _aliases(client: Any, name: str) -> dict[str, str]:
+    """alias -> version of a registered model ({} when it cannot be read)."""
+    try:
+        return {
+            str(k): str(v) for k, v in (client.get_registered_model(name).aliases or {}).items()
+        }
+    except Exception:
+        return {}
 
 
 def resolve_all(

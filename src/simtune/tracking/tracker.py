@@ -587,6 +587,15 @@ class Tracker:
         self._params.update(extra)
         self.mlflow.log_params(extra)
         self.mlflow.log_dict(stats, "dataset_stats.json")
+        # The run's Datasets panel (and `run.inputs`): which files, by content hash.
+        self.mlflow.log_input(
+            training_dataset(stats["files"]),
+            context="training",
+            tags={
+                "simtune.num_records": str(stats.get("num_records", "")),
+                "simtune.num_used": str(stats.get("num_used", "")),
+            },
+        )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Queue metrics for the sender thread: never waits for MLflow."""
@@ -698,6 +707,54 @@ class Tracker:
                     tracker.log_metrics(summary, step=state.global_step)
 
         return MlflowStepLogger()
+
+
+def training_dataset(files: list[dict[str, Any]]) -> Any:
+    """An MLflow dataset (metadata only: the decisions stay in their JSONL files) for the
+    decision files a job trained on: source = the files' URIs, digest = a sha256 over
+    their sha256s (so the same files in the same order give the same digest), name = the
+    file, or the folder holding them all."""
+    import hashlib
+
+    from mlflow.data.dataset_source import DatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class DecisionFiles(DatasetSource):
+        """simtune decision files (JSONL/JSON) on the training machine's disk."""
+
+        def __init__(self, uris: list[str]) -> None:
+            self.uris = list(uris)
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return "simtune_decisions"
+
+        def load(self, **kwargs: Any) -> list[str]:
+            return self.uris
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> DecisionFiles:
+            raise NotImplementedError
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uris": self.uris}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[str, Any]) -> DecisionFiles:
+            return cls(source_dict.get("uris") or [])
+
+    paths = [Path(f["path"]).resolve() for f in files]
+    digest = hashlib.sha256("\n".join(f["sha256"] for f in files).encode()).hexdigest()[:32]
+    if len(paths) == 1:
+        name = paths[0].name
+    else:
+        common = Path(os.path.commonpath([str(p) for p in paths])) if paths else Path()
+        name = "/".join(common.parts[-2:]) or "decisions"
+    return MetaDataset(DecisionFiles([p.as_uri() for p in paths]), name=name[:200], digest=digest)
 
 
 def log_registered_model(

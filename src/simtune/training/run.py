@@ -158,7 +158,9 @@ def run_tuning(
     from simtune.tracking.tracker import Tracker
 
     tracker = Tracker(tracking_uri, cfg.experiment_name, workspace, on_step=progress)
-    registered_name = cfg.registered_model_name or f"{cfg.experiment_name}-{cfg.tuning_mode}"
+    # One registered model per experiment, the mode a version tag (simtune.tuning_mode):
+    # an alias such as `champion` can then move from an SFT version to a PPO one.
+    registered_name = cfg.registered_model_name or cfg.experiment_name
 
     # --- 2. train in a staging dir; publish only on success ---------------------------
     staging = final_dir.parent / f".staging-{model_id}"
