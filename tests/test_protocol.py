@@ -107,8 +107,9 @@ def test_parts_without_text_are_recorded_by_the_proxy_and_refused_by_serve(
     refused = _refusal(tiny_server.url, "base", messages)
     assert refused["param"] == "messages[0].content"
     assert check_messages(messages) == messages  # kept as sent, for the record
-    flat = check_messages([{"role": "user", "content": parts[:1]}, {"role": "tool"}], flatten=True)
-    assert flat == [{"role": "user", "content": "what is this?"}, {"role": "tool", "content": ""}]
+    tool = {"role": "tool", "tool_call_id": "c1"}
+    flat = check_messages([{"role": "user", "content": parts[:1]}, tool], flatten=True)
+    assert flat == [{"role": "user", "content": "what is this?"}, {**tool, "content": ""}]
     stub.requests.clear()
 
 
