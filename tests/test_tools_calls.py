@@ -5,8 +5,8 @@ back as ``message.tool_calls`` -- and bad tool input refused, naming the field."
 from __future__ import annotations
 
 import json
-import re
 import logging
+import re
 from pathlib import Path
 from typing import Any
 

@@ -452,12 +452,15 @@ class Engine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: Sequence[str] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[Generation]:
         """Generate one answer per prompt (batched with whatever else is running).
-        Thread-safe. `max_tokens` is clipped to the engine's ``max_new_tokens``."""
+        Thread-safe. `max_tokens` is clipped to the engine's ``max_new_tokens``; `tools`
+        (checked tool schemas) go to the chat template of message prompts, and
+        `parse_tool_calls` reads calls out of the answers."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        encoded = [self.encode(model, p) for p in prompts]  # refuse before queueing any
+        encoded = [self.encode(model, p, tools) for p in prompts]  # refuse before queueing any
         waiters = []
         for p in encoded:
             w = _Waiter()
