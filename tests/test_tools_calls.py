@@ -119,6 +119,18 @@ def test_old_records_with_calls_as_json_text_read_as_tool_calls(tmp_path):
     d1, d2 = read_dataset([str(path)]).decisions
     assert d1.tool_calls == [CALL] and d1.output == "" and d1.tools == TOOLS
     assert d2.tool_calls is None and d2.output == text["output"] and d2.tools == TOOLS
+    # Some clients send "tool_calls": [] on every assistant turn: no calls, not an error.
+    from simtune.openai.protocol import check_messages
+
+    turns = [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "tool_calls": []},
+    ]
+    assert check_messages(turns) == turns
+    empty = {"decision_id": "d3", "messages": turns + [turns[0]], "output": "c", "tool_calls": []}
+    path.write_text(json.dumps(empty) + "\n")
+    (d3,) = read_dataset([str(path)]).decisions
+    assert d3.tool_calls is None and d3.messages[1] == {"role": "assistant", "content": "b"}
 
 
 def test_validate_names_file_line_and_tool_field(tmp_path):

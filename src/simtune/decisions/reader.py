@@ -928,7 +928,7 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
 
     tools = _protocol(bad, "check_tools", obj.get("tools"), "tools")
     tool_calls = None
-    if obj.get("tool_calls") is not None:
+    if obj.get("tool_calls") not in (None, []):
         tool_calls = _protocol(bad, "check_tool_calls", obj["tool_calls"], "tool_calls")
     if isinstance(output, list):  # conversational completion: the assistant turn(s)
         turns = _messages(output, "completion" if "completion" in obj else "output", bad)
@@ -1065,7 +1065,7 @@ def _messages(value: list[Any], fld: str, bad: Any) -> list[dict[str, Any]]:
         if why := role_problem(m["role"]):
             raise bad(f"{fld}[{i}].role", why)
         calls = None
-        if m.get("tool_calls") is not None:
+        if m.get("tool_calls") not in (None, []):  # [] on a text turn: no calls
             if m["role"] != "assistant":
                 raise bad(f"{fld}[{i}].tool_calls", "only an assistant message calls tools")
             calls = _protocol(bad, "check_tool_calls", m["tool_calls"], f"{fld}[{i}].tool_calls")

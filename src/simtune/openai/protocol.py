@@ -73,6 +73,8 @@ def check_messages(
         if why := role_problem(m["role"]):
             raise ProtocolError(f"messages[{i}].role: {why}", param=f"messages[{i}].role")
         calls = m.get("tool_calls")
+        if isinstance(calls, (list, tuple)) and not calls:
+            calls = None  # some clients send an empty list on every assistant turn
         if calls is not None:
             if m["role"] != "assistant":
                 raise ProtocolError(
