@@ -48,6 +48,9 @@ def check_messages(
     """A chat request's ``messages``, checked: a non-empty list of objects with a known
     string ``role`` and a ``content`` that is a string, a list of parts or null. Returns
     new plain messages (the input is not modified): null content becomes ``""``.
+    Tool turns as OpenAI has them: an assistant message's ``tool_calls`` are checked
+    (`check_tool_calls`, an empty list counting as none) and a ``tool`` message needs a
+    string ``tool_call_id``; other keys (``name``, ...) are kept.
 
     `flatten` (for a chat template, which takes text): list content becomes one string,
     its parts' ``text`` joined, and every part must have a string ``text``. Without it
@@ -55,9 +58,9 @@ def check_messages(
     kept as sent and parts without ``text`` (images, audio) are allowed: the model may
     take them, and the dataset reader keeps the text parts.
 
-    `null_content` False refuses null content instead (`Recorder.record`: there the
-    caller writes the record by hand, and a missing text is more likely a mistake than
-    a tool-call turn a client library handed back)."""
+    `null_content` False refuses null content instead, except on a turn that called
+    tools (`Recorder.record`: there the caller writes the record by hand, and a missing
+    text is more likely a mistake)."""
     if value is None:
         raise ProtocolError(
             "'messages' is required", param="messages", code="missing_required_parameter"
