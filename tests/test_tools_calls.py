@@ -105,6 +105,33 @@ def test_proxy_records_the_requests_tools_and_tool_history(workspace, tiny_serve
     assert d.tools == TOOLS and d.messages[2]["tool_calls"] == [CALL]
 
 
+def test_proxy_records_text_and_calls_and_skips_calls_the_reader_would_refuse(workspace, caplog):
+    from test_proxy import ScriptedUpstream
+
+    def answer(message: dict[str, Any]) -> dict[str, Any]:
+        return {"id": "x", "object": "chat.completion", "model": "up", "choices": [
+            {"index": 0, "finish_reason": "tool_calls", "message": message}]}  # fmt: skip
+
+    both = {"role": "assistant", "content": "Buying.", "tool_calls": [CALL]}
+    bad_call = {**CALL, "function": {"name": "buy", "arguments": {"qty": 3}}}  # not JSON text
+    up = ScriptedUpstream(
+        ScriptedUpstream.json(answer(both)),
+        ScriptedUpstream.json(
+            answer({"role": "assistant", "content": None, "tool_calls": [bad_call]})
+        ),
+    )
+    with RecordingProxy(up.url, "market", port=0, workspace=workspace) as px:
+        client = openai.OpenAI(base_url=px.url, api_key="x", max_retries=0)
+        first = client.chat.completions.create(model="m", messages=HISTORY[:2], tools=TOOLS)
+        assert first.choices[0].message.tool_calls[0].function.name == "buy"
+        with caplog.at_level(logging.WARNING, logger="simtune.collect.proxy"):
+            second = client.chat.completions.create(model="m", messages=HISTORY[:2], tools=TOOLS)
+        assert second.choices[0].finish_reason == "tool_calls"  # the caller still gets it
+        (rec,) = _lines(px.path)
+    assert rec["output"] == "Buying." and rec["tool_calls"] == [CALL] and rec["tools"] == TOOLS
+    assert "not recorded" in caplog.text and "tool_calls[0].function.arguments" in caplog.text
+
+
 def test_old_records_with_calls_as_json_text_read_as_tool_calls(tmp_path):
     old = {
         "decision_id": "d1",
