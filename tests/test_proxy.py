@@ -498,9 +498,13 @@ def test_tool_calls_and_stream_without_done_are_recorded(workspace: Path):
         )
         assert text == "no done"
         plain, streamed, no_done = records(px)
-    assert json.loads(plain["output"]) == calls and plain["metadata"]["tool_calls"] == calls
-    assert plain["messages"][2]["content"] == "" and plain["model"] == "up-model"
-    assert json.loads(streamed["output"]) == calls
+    # A tool-call answer: its calls in OpenAI's shape, its (empty) text as output.
+    assert plain["output"] == "" and plain["tool_calls"] == calls
+    assert "tool_calls" not in plain["metadata"]
+    assert plain["messages"][2] == {"role": "assistant", "content": "", "tool_calls": calls}
+    assert plain["messages"][3] == {"role": "tool", "tool_call_id": "call_1", "content": "ok"}
+    assert plain["model"] == "up-model"
+    assert streamed["output"] == "" and streamed["tool_calls"] == calls
     assert streamed["metadata"]["finish_reason"] == "tool_calls"
     assert no_done["output"] == "no done"
     ds = read_dataset([str(px.directory)])  # every record stays loadable

@@ -559,6 +559,7 @@ class DictClient:
 
 
 def test_wrap_duck_typed_client_tool_calls_and_broken_stream(workspace: Path, caplog: Any) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "buy", "arguments": "{}"}}
     rec = Recorder("market", workspace=workspace)
     client = rec.wrap(DictClient())
     with caplog.at_level(logging.WARNING, logger="simtune.collect.recorder"):
@@ -575,8 +576,8 @@ def test_wrap_duck_typed_client_tool_calls_and_broken_stream(workspace: Path, ca
     rec.close()
     got = sorted(load(env_dir(workspace)).values(), key=lambda d: len(d.messages or []))
     assert len(got) == 2  # the broken stream is not recorded
-    assert json.loads(got[0].output)[0]["function"]["name"] == "buy"
-    assert got[1].messages[1] == {"role": "assistant", "content": ""}  # tool-only turn
+    assert got[0].output == "" and got[0].tool_calls[0]["function"]["name"] == "buy"
+    assert got[1].messages[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
     assert got[1].output == "dict answer" and got[1].model == "dict-model"
 
 

@@ -81,11 +81,14 @@ written by `DecisionLog`: one write(2) per line, durable against the proxy being
 killed once the client has the answer) have the `Recorder` fields: ``decision_id``,
 ``env_name``, ``run_id``, ``agent_id``, ``agent_type``, ``step``, ``timestamp`` (when
 the request arrived), ``messages`` (chat; a null ``content`` stored as ``""``) or
-``prompt``, ``output`` (first choice; a tool-call-only answer is the JSON list of its
-calls), ``model`` (the upstream's answer, else the request's), ``latency_s``
-(request forwarded -> answer complete) and ``metadata``: ``source: "proxy"``,
-``endpoint``, ``stream``, ``finish_reason``, ``usage``, ``tool_calls``,
-``upstream_id``, ``params`` (the other request fields: temperature, tools, ...).
+``prompt``, ``tools`` (the request's tool schemas, when it offered any), ``output``
+(the first choice's text: ``""`` for an answer that only called tools), ``tool_calls``
+(its tool calls, OpenAI's shape, when it made any), ``model`` (the upstream's answer,
+else the request's), ``latency_s`` (request forwarded -> answer complete) and
+``metadata``: ``source: "proxy"``, ``endpoint``, ``stream``, ``finish_reason``,
+``usage``, ``upstream_id``, ``params`` (the other request fields: temperature,
+tool_choice, ...). Assistant turns with ``tool_calls`` and ``tool`` results in the
+messages are kept as sent.
 
 Episodes are kept in memory (`Episodes`), keyed by (run id, agent id), in the order
 the answers completed; a decision rewarded only by id stays in its open episode until
@@ -144,6 +147,8 @@ from simtune.openai.protocol import (
     StreamAssembly,
     answer_of,
     check_messages,
+    check_tool_calls,
+    check_tools,
     error_body,
     sse_event,
 )
@@ -187,7 +192,7 @@ _HOP = {
 }
 _REQUEST_DROP = _HOP | {"host", "accept-encoding", "authorization", "expect"}
 _RESPONSE_DROP = _HOP | {"date", "server"}
-_UNRECORDED_PARAMS = {"messages", "prompt", "model", "stream"}
+_UNRECORDED_PARAMS = {"messages", "prompt", "model", "stream", "tools"}  # the record's own
 
 
 def upstream_base(url: str) -> str:
@@ -602,10 +607,12 @@ class RecordingProxy:
         if not isinstance(payload, dict):
             raise _Reject(400, "the request body must be a JSON object", code="invalid_json")
         who = self._who(request, attrs)
+        tools = None
         if chat:
             try:
                 # The request is forwarded as sent; these are the messages to record.
                 messages: list[dict[str, Any]] | None = check_messages(payload.get("messages"))
+                tools = check_tools(payload.get("tools"))
             except ProtocolError as exc:
                 raise reject_from(exc) from None
             prompt = None
@@ -618,6 +625,7 @@ class RecordingProxy:
         exchange = _Exchange(
             self, who, endpoint, chat, messages, prompt, payload, new_decision_id(), recordable
         )
+        exchange.tools = tools
         url = self._upstream_url(endpoint)
         async with self._call_upstream("POST", url, body, request) as up:
             headers = self._relay_headers(up)
@@ -655,7 +663,15 @@ class RecordingProxy:
             rec["messages"] = ex.messages
         else:
             rec["prompt"] = ex.prompt
+        if ex.tools:
+            rec["tools"] = ex.tools
         rec["output"] = output
+        if answer.tool_calls:
+            try:
+                rec["tool_calls"] = check_tool_calls(answer.tool_calls)
+            except ProtocolError as exc:  # the reader would refuse the record
+                log.warning("decision %s not recorded: the answer's %s", ex.decision_id, exc)
+                return False
         model = answer.model or ex.payload.get("model")
         if model:
             rec["model"] = str(model)
@@ -666,7 +682,6 @@ class RecordingProxy:
         metadata["stream"] = bool(ex.payload.get("stream"))
         meta = {
             "finish_reason": answer.finish_reason,
-            "tool_calls": answer.tool_calls,
             "n_choices": answer.n_choices if answer.n_choices > 1 else None,
             "usage": answer.usage,
             "upstream_id": answer.id,
@@ -925,6 +940,7 @@ class _Exchange:
         "started",
         "field",
         "recordable",
+        "tools",
     )
 
     def __init__(
@@ -946,6 +962,7 @@ class _Exchange:
         self.timestamp = utc_now()
         self.started = time.perf_counter()
         self.field = f'"{DECISION_FIELD}":"{decision_id}"'.encode()
+        self.tools: list[dict[str, Any]] | None = None
 
     def finish_json(self, raw: bytes, headers: dict[str, str]) -> bytes:
         """Record a complete JSON answer; returns the body to send (with the id when
@@ -955,7 +972,7 @@ class _Exchange:
         except (ValueError, RecursionError):
             return raw
         answer = answer_of(obj, self.chat)
-        if not answer.text.strip():
+        if answer.empty:
             return raw  # nothing a dataset could hold (the reader refuses empty outputs)
         if not self.proxy._record(self, answer):
             return raw
@@ -1029,7 +1046,7 @@ class _Exchange:
             log.debug("stream %s not recorded: %s", self.decision_id, state.bad)
             return True  # settled: never record it
         answer = state.answer()
-        if answer.text.strip():
+        if not answer.empty:
             self.proxy._record(self, answer)
         return True
 

@@ -20,9 +20,10 @@ Capturing every model call instead of calling `record` by hand:
 
 - ``client = rec.wrap(openai.OpenAI(...), agent_type="Trader")`` (or an
   ``AsyncOpenAI``; any object shaped like them): ``client.chat.completions.create(...)``
-  and ``client.completions.create(...)`` record the messages (or prompt), the first
-  choice's answer (tool calls, when there is no text, as a JSON list), the model the
-  response names, ``latency_s`` and ``usage`` (into metadata). Everything else is the
+  and ``client.completions.create(...)`` record the messages (or prompt), the request's
+  ``tools``, the first choice's answer (its text as ``output``, its tool calls as
+  ``tool_calls``), the model the response names, ``latency_s`` and ``usage`` (into
+  metadata). Everything else is the
   client's own (``with_options``/``copy`` return a wrapped client again; calls made
   through ``with_raw_response`` are not recorded). The decision id is set on the
   response as ``response.simtune_decision_id`` and kept in `Recorder.last_decision_id`.
@@ -92,6 +93,8 @@ from simtune.openai.protocol import (
     StreamAssembly,
     answer_of,
     check_messages,
+    check_tool_calls,
+    check_tools,
     plain,
 )
 from simtune.util import check_name
@@ -125,6 +128,17 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
         return check_messages(messages, null_content=False)
     except ProtocolError as exc:
         raise ProtocolError(f"record: {exc.message}", param=exc.param, code=exc.code) from None
+
+
+def _check_tools(tools: Any, tool_calls: Any) -> tuple[Any, Any]:
+    """`tools` and `tool_calls` in OpenAI's shape (`simtune.openai.protocol`), or a
+    ValueError naming the field."""
+    try:
+        tools = check_tools(tools)
+        tool_calls = None if tool_calls is None else check_tool_calls(tool_calls)
+    except ProtocolError as exc:
+        raise ProtocolError(f"record: {exc.message}", param=exc.param, code=exc.code) from None
+    return tools, tool_calls
 
 
 def _step(step: Any) -> int:
@@ -253,9 +267,16 @@ class Recorder:
         context: Any = None,
         reward: float | None = None,
         decision_id: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
         **metadata: Any,
     ) -> str:
         """Append one decision and return its id. Durable once this returns.
+
+        `tools` are the tool schemas the model was offered and `tool_calls` the calls it
+        answered with, both in OpenAI's shape (an answer that only called tools has
+        ``output=""``); messages may hold assistant turns with ``tool_calls`` and ``tool``
+        results (with their ``tool_call_id``).
 
         Fields not given (agent_id, agent_type, step) come from the enclosing
         ``with rec.agent(...)`` block, whose metadata is merged under ``metadata``.
@@ -276,6 +297,8 @@ class Recorder:
             reward,
             decision_id,
             metadata,
+            tools,
+            tool_calls,
         )
 
     def _record(
@@ -292,6 +315,8 @@ class Recorder:
         reward: Any,
         decision_id: Any,
         metadata: dict[str, Any],
+        tools: Any = None,
+        tool_calls: Any = None,
     ) -> str:
         # Every check comes before the write: a bad call raises and leaves nothing behind.
         if prompt is None:
@@ -306,7 +331,9 @@ class Recorder:
             raise ValueError("record: prompt is empty")
         if not isinstance(output, str):
             raise TypeError(f"record: output must be a string, got {type(output).__name__}")
-        if not output or output.isspace():
+        if tools is not None or tool_calls is not None:
+            tools, tool_calls = _check_tools(tools, tool_calls)
+        if not tool_calls and (not output or output.isspace()):
             raise ValueError("record: output is empty (the dataset reader would refuse it)")
         if step is not None and type(step) is not int:
             step = _step(step)
@@ -339,6 +366,10 @@ class Recorder:
         else:
             parts += ('","messages":', encode_json(messages))
         parts += (',"output":', _quote(output))
+        if tools:
+            parts += (',"tools":', encode_json(tools))
+        if tool_calls:
+            parts += (',"tool_calls":', encode_json(tool_calls))
         model = model or self.model
         if model:
             parts += (',"model":', _quote(str(model)))
@@ -478,6 +509,8 @@ class Recorder:
         model: Any,
         latency_s: float,
         metadata: dict[str, Any] | None = None,
+        tools: Any = None,
+        tool_calls: Any = None,
     ) -> str | None:
         """Record one captured call; None (and a warning) when it can't be a record."""
         if isinstance(source, str):
@@ -496,7 +529,7 @@ class Recorder:
                 "simtune: call not recorded: its input is neither a prompt string nor chat messages"
             )
             return None
-        if not isinstance(output, str) or not output or output.isspace():
+        if not isinstance(output, str) or (not tool_calls and (not output or output.isspace())):
             log.warning("simtune: call not recorded: the model's answer is empty or not text")
             return None
         meta = {**who.metadata, **metadata} if metadata else who.metadata
@@ -520,6 +553,8 @@ class Recorder:
                 None,
                 None,
                 dict(meta),
+                tools,
+                tool_calls,
             )
         except (TypeError, ValueError) as exc:
             log.warning("simtune: call not recorded: %s", exc)
@@ -647,7 +682,7 @@ class _StreamState:
 class _Call:
     """One captured completion call: what was asked, and how to record the answer."""
 
-    __slots__ = ("rec", "who", "source", "model", "chat", "stream", "extra", "t0")
+    __slots__ = ("rec", "who", "source", "model", "chat", "stream", "extra", "tools", "t0")
 
     def __init__(self, rec: Recorder, who: Attribution, kwargs: dict[str, Any], chat: bool) -> None:
         self.rec, self.who, self.chat = rec, who, chat
@@ -655,8 +690,10 @@ class _Call:
         self.model = kwargs.get("model")
         self.stream = bool(kwargs.get("stream"))
         self.extra: dict[str, Any] = {}
-        if kwargs.get("tools"):
-            self.extra["tools"] = [plain(t) for t in kwargs["tools"]]
+        # Checked (and a bad one logged, unrecorded) when the answer comes: the client
+        # may accept what the reader would not.
+        tools = kwargs.get("tools")
+        self.tools = [plain(t) for t in tools] if isinstance(tools, (list, tuple)) else tools
         self.t0 = time.perf_counter()
 
     def response(self, response: Any) -> None:
@@ -672,6 +709,8 @@ class _Call:
             model=answer.model or self.model,
             latency_s=latency,
             metadata=meta,
+            tools=self.tools,
+            tool_calls=answer.tool_calls,
         )
         if did is not None:
             try:
@@ -697,6 +736,8 @@ class _Call:
             model=answer.model or self.model,
             latency_s=time.perf_counter() - self.t0,
             metadata=meta,
+            tools=self.tools,
+            tool_calls=answer.tool_calls,
         )
 
 

@@ -580,6 +580,9 @@ def to_record(d: Decision) -> dict[str, Any]:
     else:
         out["prompt"] = d.prompt
     out["output"] = d.output
+    for name in ("tools", "tool_calls"):
+        if getattr(d, name):
+            out[name] = getattr(d, name)
     for name in ("reward", "rating", "feedback", "reason", "model", "latency_s", "context"):
         value = getattr(d, name)
         if value is not None:

@@ -323,7 +323,14 @@ def brief(d: Decision) -> Brief:
 # Keys whose handling in `normalize` is more than a type check (aliases, seed fields,
 # chat messages, a context that may name the agent type): records holding any of them
 # take the full path.
-_SLOW_KEYS = frozenset(_CONSUMED) | {"messages", "completion", "context", "rating_source"}
+_SLOW_KEYS = frozenset(_CONSUMED) | {
+    "messages",
+    "completion",
+    "context",
+    "rating_source",
+    "tools",
+    "tool_calls",
+}
 
 
 def _fast_brief(obj: dict[str, Any], default_env: str | None = None) -> tuple[str, Brief] | None:
@@ -365,6 +372,8 @@ def _fast_brief(obj: dict[str, Any], default_env: str | None = None) -> tuple[st
     if type(rating) is int:
         rating = float(rating)
     meta = obj.get("metadata")
+    if type(meta) is dict and "tool_calls" in meta:  # maybe an old tool-call record
+        return None
     env, agent_type, run, agent = (
         obj.get("env_name"),
         obj.get("agent_type"),
@@ -917,19 +926,31 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
         fld = "messages" if obj.get("messages") is not None else "prompt"
         raise bad(fld, "expected a string or a list of chat messages")
 
+    tools = _protocol(bad, "check_tools", obj.get("tools"), "tools")
+    tool_calls = None
+    if obj.get("tool_calls") not in (None, []):
+        tool_calls = _protocol(bad, "check_tool_calls", obj["tool_calls"], "tool_calls")
     if isinstance(output, list):  # conversational completion: the assistant turn(s)
         turns = _messages(output, "completion" if "completion" in obj else "output", bad)
         output = "".join(m["content"] for m in turns if m["role"] == "assistant")
+        tool_calls = tool_calls or next(
+            (m["tool_calls"] for m in reversed(turns) if m.get("tool_calls")), None
+        )
     if output is None and messages and messages[-1]["role"] == "assistant":
         output = messages[-1]["content"]
+        tool_calls = tool_calls or messages[-1].get("tool_calls")
         messages = messages[:-1]
     if not messages and not (prompt and prompt.strip()):
         raise bad("prompt", "missing: a record needs 'prompt' or 'messages'")
+    if output is None and tool_calls:
+        output = ""  # an answer that only called tools
     if output is None:
         raise bad("output", "missing: a record needs 'output' (or 'completion')")
     if not isinstance(output, str):
         raise bad("output", f"expected a string, got {type(output).__name__}")
-    if not unfence(output).strip():  # kept verbatim, but an empty fence is no answer
+    if tool_calls is None and tools is None and isinstance(obj.get("metadata"), dict):
+        tools, tool_calls, output = _legacy_tools(obj["metadata"], output)
+    if not tool_calls and not unfence(output).strip():  # an empty fence is no answer either
         raise bad("output", "is empty")
 
     def number(fld: str) -> float | None:
@@ -1013,6 +1034,8 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
         output=output,
         prompt=prompt,
         messages=messages,
+        tools=tools,
+        tool_calls=tool_calls,
         env_name=text("env_name") or env_from_path(path),
         run_id=text("run_id", "trail_id"),
         agent_id=text("agent_id"),
@@ -1031,23 +1054,84 @@ def normalize(obj: Any, path: str, line: int) -> Decision | Event:
     )
 
 
-def _messages(value: list[Any], fld: str, bad: Any) -> list[dict[str, str]]:
+def _messages(value: list[Any], fld: str, bad: Any) -> list[dict[str, Any]]:
+    """Chat messages as ``role`` + ``content`` (text), keeping the tool-call parts of the
+    OpenAI shape: an assistant turn's ``tool_calls`` (content may then be null) and a
+    ``tool`` result's ``tool_call_id`` (required, as OpenAI requires it)."""
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad(f"{fld}[{i}]", "expected an object with 'role' and 'content'")
         if why := role_problem(m["role"]):
             raise bad(f"{fld}[{i}].role", why)
+        calls = None
+        if m.get("tool_calls") not in (None, []):  # [] on a text turn: no calls
+            if m["role"] != "assistant":
+                raise bad(f"{fld}[{i}].tool_calls", "only an assistant message calls tools")
+            calls = _protocol(bad, "check_tool_calls", m["tool_calls"], f"{fld}[{i}].tool_calls")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI multi-part content: keep the text parts
             parts = [p.get("text", "") for p in content if isinstance(p, dict)]
             content = "".join(parts) if all(isinstance(t, str) for t in parts) else None
+        elif content is None and calls:
+            content = ""
         if not isinstance(content, str):
             raise bad(f"{fld}[{i}].content", "expected a string")
-        out.append({"role": m["role"], "content": content})
+        msg: dict[str, Any] = {"role": m["role"], "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        if m["role"] == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise bad(f"{fld}[{i}].tool_call_id", "a tool message needs the id of its call")
+            msg["tool_call_id"] = call_id
+        if m["role"] in ("tool", "function") and isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        out.append(msg)
     if not out:
         raise bad(fld, "is an empty list")
     return out
+
+
+def _protocol(bad: Any, check: str, value: Any, where: str) -> Any:
+    """A `simtune.openai.protocol` check (the one parser of the OpenAI shape), its
+    `ProtocolError` as the reader's `DataError` naming the field."""
+    from simtune.openai import protocol
+
+    try:
+        return getattr(protocol, check)(value, where)
+    except protocol.ProtocolError as exc:
+        param = exc.param or where
+        raise bad(param, exc.message.removeprefix(f"{param}: ")) from None
+
+
+def _legacy_tools(metadata: dict[str, Any], output: str) -> tuple[Any, Any, str]:
+    """(tools, tool_calls, output) of a record written before tool calls were fields: the
+    proxy kept the calls in ``metadata.tool_calls`` and the tools in
+    ``metadata.params.tools``, the Recorder the tools in ``metadata.tools``, and both wrote
+    a tool-call-only answer's ``output`` as the JSON list of its calls. Read as a tool-call
+    decision when that is what it is; as it was (text) when anything does not fit."""
+    from simtune.openai import protocol
+
+    params = metadata.get("params")
+    raw_tools = metadata.get("tools")
+    if raw_tools is None and isinstance(params, dict):
+        raw_tools = params.get("tools")
+    try:
+        tools = protocol.check_tools(raw_tools)
+    except protocol.ProtocolError:
+        tools = None
+    calls = metadata.get("tool_calls")
+    if not calls or not output.startswith("["):
+        return tools, None, output
+    try:
+        checked = protocol.check_tool_calls(calls)
+        said = jsontext.loads(output)
+    except (protocol.ProtocolError, jsontext.JSONTextError):
+        return tools, None, output
+    if said != calls and said != checked:
+        return tools, None, output
+    return tools, checked, ""
 
 
 def _event(obj: dict[str, Any], bad: Any, source: str) -> Event:

@@ -26,6 +26,8 @@ DECISION_FIELDS = (
     "prompt",
     "messages",
     "output",
+    "tools",
+    "tool_calls",
     "reward",
     "rating",
     "feedback",
@@ -64,8 +66,16 @@ class Decision:
 
     decision_id: str
     output: str
+    """The answer's text; ``""`` for an answer that only called tools (`tool_calls`)."""
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
+    """OpenAI chat messages: ``role`` and ``content`` (a string), plus ``tool_calls`` on an
+    assistant turn that called tools and ``tool_call_id`` on a ``tool`` result."""
+    tools: list[dict[str, Any]] | None = None
+    """The tool schemas the model was offered (the request's ``tools``, OpenAI's shape)."""
+    tool_calls: list[dict[str, Any]] | None = None
+    """The tools the answer called, OpenAI's shape (``id``, ``type``, ``function``:
+    ``name``, ``arguments`` as JSON text); None for a text answer."""
     env_name: str | None = None
     run_id: str | None = None
     agent_id: str | None = None
@@ -83,7 +93,7 @@ class Decision:
     source: str = ""
     """file:line the record came from (not part of the stored format)."""
 
-    def chat_prompt(self, system_prompt: str | None = None) -> list[dict[str, str]]:
+    def chat_prompt(self, system_prompt: str | None = None) -> list[dict[str, Any]]:
         """The model input as chat messages (a plain prompt becomes one user turn)."""
         msgs = (
             list(self.messages)
@@ -96,8 +106,16 @@ class Decision:
 
     @property
     def target(self) -> str:
-        """The SFT target: an improved answer when one exists, else what was said."""
+        """The SFT target's text: an improved answer when one exists, else what was said."""
         return self.feedback if self.feedback else self.output
+
+    def target_message(self) -> dict[str, Any]:
+        """The SFT target as the assistant message a chat template renders: the improved
+        answer (text: feedback is written as text) when one exists, else the answer with
+        its tool calls."""
+        if self.feedback or not self.tool_calls:
+            return {"role": "assistant", "content": self.target}
+        return {"role": "assistant", "content": self.output, "tool_calls": self.tool_calls}
 
 
 def finite_number(value: Any) -> float | None:

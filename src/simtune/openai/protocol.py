@@ -9,6 +9,10 @@ import).
   calls, model, id, usage) as an `Answer`.
 - `StreamAssembly`: the same, assembled from a stream's chunks (parsed objects, or the
   payloads of SSE ``data:`` lines as bytes).
+- `check_tools`, `check_tool_calls`, `check_tool_choice`: a request's tool schemas, an
+  assistant turn's (or a record's) tool calls and ``tool_choice``, checked the same way.
+- `template_messages`: checked messages as chat templates take them (tool-call arguments
+  as objects, Hugging Face's convention, where the wire carries JSON text).
 - `error_body`, `sse_event`: OpenAI's error object and one SSE event, as servers send them.
 
 The proxy reads JSON it parsed itself (dicts); the Recorder reads what an OpenAI-style
@@ -44,6 +48,9 @@ def check_messages(
     """A chat request's ``messages``, checked: a non-empty list of objects with a known
     string ``role`` and a ``content`` that is a string, a list of parts or null. Returns
     new plain messages (the input is not modified): null content becomes ``""``.
+    Tool turns as OpenAI has them: an assistant message's ``tool_calls`` are checked
+    (`check_tool_calls`, an empty list counting as none) and a ``tool`` message needs a
+    string ``tool_call_id``; other keys (``name``, ...) are kept.
 
     `flatten` (for a chat template, which takes text): list content becomes one string,
     its parts' ``text`` joined, and every part must have a string ``text``. Without it
@@ -51,9 +58,9 @@ def check_messages(
     kept as sent and parts without ``text`` (images, audio) are allowed: the model may
     take them, and the dataset reader keeps the text parts.
 
-    `null_content` False refuses null content instead (`Recorder.record`: there the
-    caller writes the record by hand, and a missing text is more likely a mistake than
-    a tool-call turn a client library handed back)."""
+    `null_content` False refuses null content instead, except on a turn that called
+    tools (`Recorder.record`: there the caller writes the record by hand, and a missing
+    text is more likely a mistake)."""
     if value is None:
         raise ProtocolError(
             "'messages' is required", param="messages", code="missing_required_parameter"
@@ -68,8 +75,26 @@ def check_messages(
             )
         if why := role_problem(m["role"]):
             raise ProtocolError(f"messages[{i}].role: {why}", param=f"messages[{i}].role")
+        calls = m.get("tool_calls")
+        if isinstance(calls, (list, tuple)) and not calls:
+            calls = None  # some clients send an empty list on every assistant turn
+        if calls is not None:
+            if m["role"] != "assistant":
+                raise ProtocolError(
+                    f"messages[{i}].tool_calls: only an assistant message calls tools",
+                    param=f"messages[{i}].tool_calls",
+                )
+            m = {**m, "tool_calls": check_tool_calls(calls, f"messages[{i}].tool_calls")}
+        if m["role"] == "tool" and not (
+            isinstance(m.get("tool_call_id"), str) and m["tool_call_id"]
+        ):
+            raise ProtocolError(
+                f"messages[{i}].tool_call_id: a tool message needs the string id of the "
+                "call it answers",
+                param=f"messages[{i}].tool_call_id",
+            )
         content = m.get("content")
-        if content is None and null_content:  # an assistant turn that only called tools
+        if content is None and (null_content or calls):  # an assistant turn that only called tools
             m = {**m, "content": ""}
         elif isinstance(content, list):
             # A part without 'text' counts as "" unless the content must be all text.
@@ -90,6 +115,124 @@ def check_messages(
             )
         out.append(m)
     return out
+
+
+# --- tools --------------------------------------------------------------------------------
+
+
+def _bad(where: str, message: str) -> ProtocolError:
+    return ProtocolError(f"{where}: {message}", param=where)
+
+
+def check_tools(value: Any, where: str = "tools") -> list[dict[str, Any]] | None:
+    """A request's ``tools`` (None when absent or empty): a list of
+    ``{"type": "function", "function": {"name", "description"?, "parameters"?}}``, returned
+    as plain dicts, otherwise as sent (``parameters`` is the caller's JSON schema: the
+    chat template shows it to the model verbatim)."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        raise _bad(where, "must be a list of tools")
+    out = []
+    for i, tool in enumerate(value):
+        tool = plain(tool)
+        at = f"{where}[{i}]"
+        if not isinstance(tool, dict):
+            raise _bad(at, "must be an object")
+        if tool.get("type", "function") != "function":
+            raise _bad(
+                f"{at}.type", f"unsupported tool type {tool.get('type')!r} (only 'function')"
+            )
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise _bad(f"{at}.function", "must be an object with a 'name'")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _bad(f"{at}.function.name", "must be a non-empty string")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise _bad(f"{at}.function.parameters", "must be a JSON schema object")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise _bad(f"{at}.function.description", "must be a string")
+        out.append({**tool, "type": "function"})
+    return out or None
+
+
+def check_tool_calls(value: Any, where: str = "tool_calls") -> list[dict[str, Any]]:
+    """An assistant turn's ``tool_calls`` in OpenAI's shape: a non-empty list of
+    ``{"id", "type": "function", "function": {"name", "arguments"}}`` whose ``arguments``
+    is a string (the wire's JSON text, kept verbatim: a model may have written invalid
+    JSON, and that is what it said). Keys come back in the wire's order (id, type,
+    function: name, arguments) however they were read, so one call is one text."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _bad(where, "must be a non-empty list of tool calls")
+    out = []
+    for i, call in enumerate(value):
+        call = plain(call)
+        at = f"{where}[{i}]"
+        if not isinstance(call, dict):
+            raise _bad(at, "must be an object")
+        if call.get("type", "function") != "function":
+            raise _bad(
+                f"{at}.type", f"unsupported call type {call.get('type')!r} (only 'function')"
+            )
+        if call.get("id") is not None and not isinstance(call["id"], str):
+            raise _bad(f"{at}.id", "must be a string")
+        fn = call.get("function")
+        if not isinstance(fn, dict):
+            raise _bad(f"{at}.function", "must be an object with 'name' and 'arguments'")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise _bad(f"{at}.function.name", "must be a non-empty string")
+        args = fn.get("arguments", "")
+        if not isinstance(args, str):
+            raise _bad(f"{at}.function.arguments", "must be a string (JSON text)")
+        entry: dict[str, Any] = {"id": call["id"]} if call.get("id") is not None else {}
+        entry["type"] = "function"
+        entry["function"] = {**_in_order(fn, ("name", "arguments")), "arguments": args}
+        out.append(entry)
+    return out
+
+
+TOOL_CHOICES = ("auto", "none")
+
+
+def check_tool_choice(value: Any) -> str:
+    """A request's ``tool_choice``: ``"auto"`` (the default) or ``"none"``. Forcing a call
+    (``"required"``, a named function) would need constrained decoding, which `simtune
+    serve` does not do: refused rather than silently not honoured."""
+    if value is None:
+        return "auto"
+    if value in TOOL_CHOICES:
+        return value
+    raise ProtocolError(
+        f"tool_choice: only {' or '.join(repr(c) for c in TOOL_CHOICES)} is supported",
+        param="tool_choice",
+    )
+
+
+def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Checked messages as a chat template takes them: each tool call's ``arguments``
+    parsed into an object where it is a JSON object (Hugging Face templates -- Qwen2.5,
+    Hermes, SmolLM3 -- ``tojson`` them, which would render OpenAI's JSON text as one
+    quoted string), left as text otherwise. The input is not modified."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if calls:
+            m = {**m, "tool_calls": [_template_call(c) for c in calls]}
+        out.append(m)
+    return out
+
+
+def _template_call(call: dict[str, Any]) -> dict[str, Any]:
+    fn = call.get("function") or {}
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        try:
+            parsed = json.loads(args) if args.strip() else {}
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            fn = {**fn, "arguments": parsed}
+    return {**call, "function": fn}
 
 
 # --- answers ------------------------------------------------------------------------------
@@ -153,10 +296,11 @@ def _in_order(obj: Any, first: tuple[str, ...]) -> Any:
     return out
 
 
-def _calls_text(calls: list[Any]) -> str:
-    """A tool-call-only answer as text: the JSON list of its calls, keys in the wire's
-    order (id, type, function: name, arguments) however they were read (a client's
-    models dump theirs alphabetically), so one answer is one training text."""
+def calls_text(calls: list[Any]) -> str:
+    """Tool calls as text: the JSON list of the calls, keys in the wire's order (id, type,
+    function: name, arguments) however they were read (a client's models dump theirs
+    alphabetically). What records before tool-call support held as ``output`` (the
+    reader recognises those), and the fallback a template without tool support trains on."""
     ordered = []
     for call in calls:
         call = _in_order(call, ("id", "type", "function"))
@@ -166,24 +310,39 @@ def _calls_text(calls: list[Any]) -> str:
     return json.dumps(ordered, ensure_ascii=False)
 
 
+def _answer_calls(calls: list[Any]) -> list[Any]:
+    """An answer's tool calls in OpenAI's shape when they are well-formed (the usual
+    case), else as they came (recorded, and refused by the reader, rather than dropped)."""
+    try:
+        return check_tool_calls(calls)
+    except ProtocolError:
+        return [plain(c) for c in calls]
+
+
 @dataclass
 class Answer:
     """The first choice of an answer: what a decision records."""
 
     text: str
-    """The output: the text, or for a tool-call-only answer the JSON list of its calls."""
+    """The output: the message's text (``""`` for an answer that only called tools)."""
     finish_reason: str | None = None
     tool_calls: list[Any] | None = None
+    """The tool calls, in OpenAI's shape (`check_tool_calls`); None when there are none."""
     n_choices: int = 1
     model: str | None = None
     id: str | None = None
     usage: dict[str, Any] | None = None
 
+    @property
+    def empty(self) -> bool:
+        """No text and no tool calls: nothing a decision record could hold."""
+        return not self.tool_calls and not self.text.strip()
+
 
 def answer_of(response: Any, chat: bool) -> Answer:
     """The first choice of a non-streamed chat (`chat`) or text completion answer; its
-    `text` is ``""`` when there is none (not recordable: the reader refuses empty
-    outputs)."""
+    `text` is ``""`` when there is none (not recordable unless it called tools: the
+    reader refuses empty outputs)."""
     choices = field(response, "choices")
     first = _first_choice(choices)
     answer = Answer(
@@ -202,11 +361,9 @@ def answer_of(response: Any, chat: bool) -> Answer:
     answer.text = content_text(field(msg, "content"))
     calls = field(msg, "tool_calls")
     if isinstance(calls, (list, tuple)) and calls:
-        answer.tool_calls = [plain(c) for c in calls]
+        answer.tool_calls = _answer_calls(list(calls))
     elif function_call := field(msg, "function_call"):  # the legacy single-call shape
-        answer.tool_calls = [{"type": "function", "function": plain(function_call)}]
-    if answer.tool_calls and not answer.text:
-        answer.text = _calls_text(answer.tool_calls)
+        answer.tool_calls = _answer_calls([{"type": "function", "function": plain(function_call)}])
     return answer
 
 
@@ -291,9 +448,10 @@ class StreamAssembly:
 
     def answer(self) -> Answer:
         text = "".join(self.parts)
-        calls = [self.calls[k] for k in sorted(self.calls)] or None
-        if calls and not text:
-            text = _calls_text(calls)
+        calls = None
+        if self.calls:  # a call whose id never came is recorded without one
+            pieces = [self.calls[k] for k in sorted(self.calls)]
+            calls = _answer_calls([{k: v for k, v in c.items() if v is not None} for c in pieces])
         return Answer(
             text=text,
             finish_reason=self.finish,

@@ -8,17 +8,20 @@ those to HTTP statuses.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
+import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from simtune.errors import ConfigError, ModelError, SimtuneError
-from simtune.openai.protocol import ProtocolError, check_messages
+from simtune.openai.protocol import ProtocolError, check_messages, template_messages
 from simtune.serving.models import BASE_NAME, ServedModel, resolve_all
 from simtune.util import first_line
 
@@ -339,9 +342,12 @@ class Engine:
 
     # --- requests -------------------------------------------------------------------
 
-    def encode(self, model: str, prompt: Prompt) -> list[int]:
+    def encode(
+        self, model: str, prompt: Prompt, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         """Token ids of a prompt: a string is raw text, a message list is rendered with the
-        chat template (generation prompt added), a list of ints is used as is."""
+        chat template (generation prompt added; `tools`, checked tool schemas, passed to
+        it), a list of ints is used as is."""
         if model not in self.served:
             raise UnknownModel(
                 f"the model {model!r} is not served here; served: {', '.join(self.names)}",
@@ -369,7 +375,12 @@ class Engine:
                 except ProtocolError as exc:
                     raise InvalidPrompt(exc.message, param=exc.param, code=exc.code) from None
                 self._check_chars("".join(m["content"] for m in messages), param)
-                text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                text = tok.apply_chat_template(
+                    template_messages(messages),
+                    tools=tools or None,
+                    add_generation_prompt=True,
+                    tokenize=False,
+                )
                 ids = tok(text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise InvalidPrompt("the prompt is empty", param="prompt")
@@ -441,12 +452,15 @@ class Engine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: Sequence[str] | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[Generation]:
         """Generate one answer per prompt (batched with whatever else is running).
-        Thread-safe. `max_tokens` is clipped to the engine's ``max_new_tokens``."""
+        Thread-safe. `max_tokens` is clipped to the engine's ``max_new_tokens``; `tools`
+        (checked tool schemas) go to the chat template of message prompts, and
+        `parse_tool_calls` reads calls out of the answers."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        encoded = [self.encode(model, p) for p in prompts]  # refuse before queueing any
+        encoded = [self.encode(model, p, tools) for p in prompts]  # refuse before queueing any
         waiters = []
         for p in encoded:
             w = _Waiter()
@@ -824,6 +838,58 @@ def _load_tokenizer(served: dict[str, ServedModel], trust_remote_code: bool) -> 
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # padding is masked out, so reusing EOS is safe
     return tok
+
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def tags_tool_calls(tokenizer: Any) -> bool:
+    """Whether the chat template writes tool calls as ``<tool_call>{json}</tool_call>``
+    (Qwen2.5, Hermes, SmolLM3 and the tiny model's template do): the convention
+    `parse_tool_calls` reads. A template with another one (Llama 3.1's bare JSON,
+    Mistral's ``[TOOL_CALLS]``) gets its answers back as text."""
+    return TOOL_CALL_OPEN in (getattr(tokenizer, "chat_template", None) or "")
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]] | None:
+    """A generated answer's tool calls: (the text outside the ``<tool_call>`` tags,
+    stripped; the calls in OpenAI's shape, ``arguments`` as JSON text, a fresh ``id``
+    each), or None when the answer is not a tool call -- no tags, an unclosed one, or a
+    block that is not ``{"name": str, "arguments": object}`` (then the answer is text:
+    half a call is not one)."""
+    if TOOL_CALL_OPEN not in text:
+        return None
+    calls = []
+    for block in _TOOL_CALL.findall(text):
+        try:
+            obj = json.loads(block)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
+            return None
+        args = obj.get("arguments", {})
+        if isinstance(args, str):  # a model may write the wire's JSON text
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                return None
+        if not isinstance(args, dict):
+            return None
+        calls.append(
+            {
+                "id": "call_" + uuid.uuid4().hex[:24],
+                "type": "function",
+                "function": {
+                    "name": obj["name"],
+                    "arguments": json.dumps(args, ensure_ascii=False),
+                },
+            }
+        )
+    rest = _TOOL_CALL.sub("", text)
+    if not calls or TOOL_CALL_OPEN in rest or TOOL_CALL_CLOSE in rest:
+        return None
+    return rest.strip(), calls
 
 
 def is_token_ids(value: Any) -> bool:

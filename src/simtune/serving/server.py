@@ -42,7 +42,20 @@ HTTP contract
   longer request is clipped and ends with ``finish_reason: "length"``), ``temperature`` (0 = greedy), ``top_p``, ``stop`` (up to
   4 strings, not included in the answer), ``stream`` and ``stream_options.include_usage``.
   ``usage`` counts prompt and completion tokens. ``n`` > 1, ``logprobs`` and ``echo``
-  are refused (400); other OpenAI fields (penalties, seed, tools, ...) are ignored.
+  are refused (400); other OpenAI fields (penalties, seed, ...) are ignored.
+- Tools (chat): ``tools`` (function schemas) are passed to the chat template, and
+  messages may hold assistant turns with ``tool_calls`` and ``tool`` results. When the
+  template writes calls as ``<tool_call>{"name", "arguments"}</tool_call>`` (Qwen2.5,
+  Hermes, SmolLM3, the tiny model: `engine.tags_tool_calls`) and the answer parses as
+  such calls (`engine.parse_tool_calls`), the message carries ``tool_calls`` (OpenAI's
+  shape; ``content`` the text outside the tags, or null) and ``finish_reason`` is
+  ``"tool_calls"``; otherwise the answer is text. Streamed, text streams until a
+  ``<tool_call>`` may have begun; from there the answer is held and ends as one
+  ``tool_calls`` delta (or as text, when it did not parse). ``tool_choice``: ``"auto"``
+  (default) or ``"none"`` (the tools are left out of the prompt and nothing is parsed);
+  forcing a call (``"required"``, a named function) is refused (400). A malformed
+  ``tools``, ``tool_calls`` or a ``tool`` message without ``tool_call_id`` is a 400
+  naming the field.
 - Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``:
   a body that is not strict JSON (`simtune.jsontext`: NaN/Infinity, lone surrogates,
   nesting over ``REQUEST_MAX_DEPTH``), a body that is not an object, a missing/invalid
@@ -106,11 +119,14 @@ from simtune.openai.protocol import (
     SSE_DONE,
     ProtocolError,
     check_messages,
+    check_tool_choice,
+    check_tools,
     error_body,
     sse_event,
 )
 from simtune.serving.engine import (
     MAX_STOP,
+    TOOL_CALL_OPEN,
     Engine,
     EngineClosed,
     EngineError,
@@ -121,6 +137,8 @@ from simtune.serving.engine import (
     Sink,
     UnknownModel,
     is_token_ids,
+    parse_tool_calls,
+    tags_tool_calls,
 )
 from simtune.serving.models import BASE_NAME, alias_map, resolve_all
 from simtune.serving.vllm import choose_backend, run_vllm, vllm_command, vllm_env
@@ -184,6 +202,8 @@ class _Params:
     stop: list[str]
     stream: bool
     include_usage: bool
+    tools: list[dict[str, Any]] | None = None
+    """The tool schemas for the chat template (None with ``tool_choice: "none"``)."""
 
 
 def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
@@ -204,9 +224,13 @@ def _parse(body: Any, chat: bool) -> _Params:
             400, "'model' is required (a string)", param="model", code="missing_required_parameter"
         )
     prompts: list[Prompt]
+    tools = None
     if chat:
         try:  # a chat template takes text: content parts joined, null as ""
             prompts = [check_messages(body.get("messages"), flatten=True)]
+            tools = check_tools(body.get("tools"))
+            if check_tool_choice(body.get("tool_choice")) == "none":
+                tools = None
         except ProtocolError as exc:
             raise reject_from(exc) from None
     else:
@@ -268,6 +292,7 @@ def _parse(body: Any, chat: bool) -> _Params:
         stop=stops,
         stream=bool(stream),
         include_usage=bool(options.get("include_usage")),
+        tools=tools,
     )
 
 
@@ -438,8 +463,9 @@ class Server:
         # by _dispatch) before queueing any; submit takes the ids.
         # Off the event loop: a long prompt takes seconds, and other clients are waiting.
         encoded = await loop.run_in_executor(
-            None, lambda: [self.engine.encode(p.model, prompt) for prompt in p.prompts]
+            None, lambda: [self.engine.encode(p.model, prompt, p.tools) for prompt in p.prompts]
         )
+        parse_calls = bool(p.tools) and tags_tool_calls(self.engine.tokenizer)
         reqs = [
             self.engine.submit(
                 p.model,
@@ -454,7 +480,7 @@ class Server:
         ]
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if p.stream:
-            return await self._stream(request, chat, p, rid, reqs[0], sinks[0])
+            return await self._stream(request, chat, p, rid, reqs[0], sinks[0], parse_calls)
         results: list[Generation] = []
         try:
             for sink in sinks:
@@ -490,7 +516,16 @@ class Server:
                 "finish_reason": g.finish_reason,
                 "logprobs": None,
             }
-            if chat:
+            parsed = parse_tool_calls(g.text) if parse_calls else None
+            if parsed is not None:
+                content, calls = parsed
+                choice["message"] = {
+                    "role": "assistant",
+                    "content": content or None,
+                    "tool_calls": calls,
+                }
+                choice["finish_reason"] = "tool_calls"
+            elif chat:
                 choice["message"] = {"role": "assistant", "content": g.text}
             else:
                 choice["text"] = g.text
@@ -520,19 +555,28 @@ class Server:
         rid: str,
         req: EngineRequest,
         sink: _AsyncSink,
+        parse_calls: bool = False,
     ) -> web.StreamResponse:
         from aiohttp import web
 
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
+        held = _HeldCalls() if parse_calls else None
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> bytes:
+        def chunk(
+            text: str | None,
+            finish: str | None,
+            first: bool = False,
+            calls: list[dict[str, Any]] | None = None,
+        ) -> bytes:
             if chat:
                 delta: dict[str, Any] = {}
                 if first:
                     delta["role"] = "assistant"
                 if text is not None:
                     delta["content"] = text
+                if calls:  # whole calls in one delta (OpenAI sends them in pieces)
+                    delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
                 choice: dict[str, Any] = {"index": 0, "delta": delta}
             else:
                 choice = {"index": 0, "text": text or ""}
@@ -551,7 +595,10 @@ class Server:
             while True:
                 kind, value = await sink.queue.get()
                 if kind == "text":
-                    await resp.write(chunk(value, None))
+                    if held is not None:
+                        value = held.add(value)
+                    if value:
+                        await resp.write(chunk(value, None))
                     continue
                 if kind == "error":
                     exc = value
@@ -563,7 +610,15 @@ class Server:
                     await resp.write(sse_event(err))
                     break
                 gen: Generation = value
-                await resp.write(chunk(None if chat else "", gen.finish_reason))
+                finish = gen.finish_reason
+                if held is not None:
+                    rest, calls = held.end()
+                    if rest:
+                        await resp.write(chunk(rest, None))
+                    if calls:
+                        await resp.write(chunk(None, None, calls=calls))
+                        finish = "tool_calls"
+                await resp.write(chunk(None if chat else "", finish))
                 if p.include_usage:
                     usage = {
                         "id": rid,
@@ -589,6 +644,45 @@ class Server:
             self.engine.cancel(req)
             raise
         return resp
+
+
+class _HeldCalls:
+    """A streamed answer that may turn into tool calls: text passes through until a
+    ``<tool_call>`` may have begun (a tail that could be the tag's start is held, as a
+    stop string's is), everything after that is held until the end, where it becomes
+    the calls -- or, when it does not parse as calls, the text it was."""
+
+    __slots__ = ("pending", "calling")
+
+    def __init__(self) -> None:
+        self.pending = ""  # text not yet sent
+        self.calling = False  # a <tool_call> tag was seen: hold the rest
+
+    def add(self, delta: str) -> str:
+        """The part of `delta` (with what was held) that can be sent as text now."""
+        self.pending += delta
+        if self.calling:
+            return ""
+        at = self.pending.find(TOOL_CALL_OPEN)
+        if at >= 0:
+            self.calling = True
+            out, self.pending = self.pending[:at], self.pending[at:]
+        else:
+            keep = next(
+                (n for n in range(min(len(TOOL_CALL_OPEN) - 1, len(self.pending)), 0, -1)
+                 if self.pending.endswith(TOOL_CALL_OPEN[:n])),
+                0,
+            )  # fmt: skip
+            out = self.pending[: len(self.pending) - keep]
+            self.pending = self.pending[len(out) :]
+        return out
+
+    def end(self) -> tuple[str, list[dict[str, Any]] | None]:
+        """(held text still to send, the tool calls or None)."""
+        parsed = parse_tool_calls(self.pending) if self.calling else None
+        if parsed is None:
+            return self.pending, None
+        return parsed  # the text around the calls (the text before them is sent already)
 
 
 def check_port_free(host: str, port: int) -> None:

@@ -12,6 +12,7 @@ instead, keeping the instruction that simulators put last.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import Any
 from simtune.config import TuningConfig
 from simtune.decisions.schema import Decision
 from simtune.errors import DataError
+from simtune.openai.protocol import calls_text, template_messages
 
 log = logging.getLogger(__name__)
 
@@ -35,27 +37,125 @@ class Examples:
     num_completion_tokens: int
 
 
-def chat_ids(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> list[int]:
+def chat_ids(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
+) -> list[int]:
+    """Token ids of `messages` (OpenAI's shape: tool calls as the wire has them) rendered
+    by the chat template, with `tools` (the tool schemas) where given."""
     out = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+        template_messages(messages),
+        tools=tools or None,
+        add_generation_prompt=generation_prompt,
+        tokenize=True,
+        return_dict=False,
     )
     return list(out)
 
 
 def split_prompt_answer(
-    tokenizer: Any, prompt: list[dict[str, str]], answer: str
+    tokenizer: Any,
+    prompt: list[dict[str, Any]],
+    answer: str | dict[str, Any],
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids of chat-template(prompt + assistant answer), split into (prompt, answer)
     where the prompt rendered alone with a generation prompt diverges (TRL's rule):
-    usually right after the generation prompt."""
-    p_ids = chat_ids(tokenizer, prompt, True)
-    full = chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": answer}], False)
+    usually right after the generation prompt. `answer` is the text, or the assistant
+    message (with its ``tool_calls``: `Decision.target_message`)."""
+    message = answer if isinstance(answer, dict) else {"role": "assistant", "content": answer}
+    p_ids = chat_ids(tokenizer, prompt, True, tools)
+    full = chat_ids(tokenizer, [*prompt, message], False, tools)
     cut = 0
     for a, b in zip(p_ids, full, strict=False):
         if a != b:
             break
         cut += 1
     return full[:cut], full[cut:]
+
+
+_PROBE = "simtune_probe_tool"
+_WARNED: set[str] = set()
+
+
+def tool_support(tokenizer: Any) -> tuple[bool, bool]:
+    """(renders ``tools``, renders assistant ``tool_calls``): whether the chat template
+    shows the model the tool schemas and the calls, found by rendering a probe (a
+    template that ignores them, or fails on them, would train without them)."""
+    template = getattr(tokenizer, "chat_template", None)
+    cache = getattr(tokenizer, "_simtune_tool_support", None)
+    if cache is not None and cache[0] == template:
+        return cache[1]
+    user = {"role": "user", "content": "x"}
+    tool = {"type": "function", "function": {"name": _PROBE, "parameters": {"type": "object"}}}
+    call = {"id": "c0", "type": "function", "function": {"name": _PROBE, "arguments": {}}}
+
+    def renders(messages: list[dict[str, Any]], tools: Any) -> bool:
+        try:
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+        except Exception:  # a template that refuses the shape does not support it
+            return False
+        return isinstance(text, str) and _PROBE in text
+
+    found = (
+        renders([user], [tool]),
+        renders([user, {"role": "assistant", "content": "", "tool_calls": [call]}], None),
+    )
+    try:
+        tokenizer._simtune_tool_support = (template, found)
+    except AttributeError:
+        pass
+    return found
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(message)
+
+
+def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant turn's tool calls as JSON text after its content (what tool-call
+    answers were trained on before templates got them), for a template without them."""
+    content = message.get("content") or ""
+    text = calls_text(message["tool_calls"])
+    rest = {k: v for k, v in message.items() if k != "tool_calls"}
+    return {**rest, "content": f"{content}\n{text}" if content else text}
+
+
+def render_parts(
+    d: Decision, tokenizer: Any, system_prompt: str | None
+) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]] | None]:
+    """(prompt messages, answer message, tools) of a decision as this tokenizer's chat
+    template can take them. With a template that ignores ``tools`` they are dropped
+    (warned once: the model trains without seeing the schemas); with one that ignores
+    ``tool_calls`` the calls become JSON text (warned once), so the answer is not lost."""
+    prompt = d.chat_prompt(system_prompt)
+    answer = d.target_message()
+    tools = d.tools
+    has_calls = "tool_calls" in answer or any(m.get("tool_calls") for m in prompt)
+    if not tools and not has_calls:
+        return prompt, answer, None
+    shows_tools, shows_calls = tool_support(tokenizer)
+    if tools and not shows_tools:
+        _warn_once(
+            "tools",
+            "the chat template ignores 'tools': decisions' tool schemas are dropped from "
+            "the training prompts (use a model whose template supports tools)",
+        )
+        tools = None
+    if has_calls and not shows_calls:
+        _warn_once(
+            "tool_calls",
+            "the chat template ignores assistant 'tool_calls': tool calls are trained on "
+            "as JSON text (use a model whose template supports tools)",
+        )
+        prompt = [_calls_as_text(m) if m.get("tool_calls") else m for m in prompt]
+        if "tool_calls" in answer:
+            answer = _calls_as_text(answer)
+    return prompt, answer, tools
 
 
 def build_examples(
@@ -89,16 +189,7 @@ def build_examples(
     n_tok = n_comp = 0
     for lo in range(0, len(decisions), batch_size):
         batch = decisions[lo : lo + batch_size]
-        prompts = [d.chat_prompt(cfg.system_prompt) for d in batch]
-        p_batch = batch_chat_ids(tokenizer, prompts, True)
-        full_batch = batch_chat_ids(
-            tokenizer,
-            [
-                [*p, {"role": "assistant", "content": d.target}]
-                for p, d in zip(prompts, batch, strict=True)
-            ],
-            False,
-        )
+        p_batch, full_batch = _render_batch(batch, tokenizer, cfg.system_prompt)
         for d, p_ids, full in zip(batch, p_batch, full_batch, strict=True):
             cut = _common_prefix(p_ids, full)
             prompt_part, answer = full[:cut], full[cut:]
@@ -131,15 +222,45 @@ def build_examples(
     return examples
 
 
+def _render_batch(
+    batch: list[Decision], tokenizer: Any, system_prompt: str | None
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids with the generation prompt, prompt + answer ids) of each decision.
+    One template call per distinct tool list (``tools`` is one argument per call):
+    decisions without tools -- the usual case -- are still one batch."""
+    groups: dict[str, list[int]] = {}
+    parts = [render_parts(d, tokenizer, system_prompt) for d in batch]
+    for i, (_, _, tools) in enumerate(parts):
+        key = "" if not tools else json.dumps(tools, sort_keys=True, ensure_ascii=False)
+        groups.setdefault(key, []).append(i)
+    p_out: list[list[int]] = [[] for _ in batch]
+    full_out: list[list[int]] = [[] for _ in batch]
+    for rows in groups.values():
+        tools = parts[rows[0]][2]
+        prompts = [parts[i][0] for i in rows]
+        p_ids = batch_chat_ids(tokenizer, prompts, True, tools)
+        full = batch_chat_ids(tokenizer, [[*parts[i][0], parts[i][1]] for i in rows], False, tools)
+        for i, p, f in zip(rows, p_ids, full, strict=True):
+            p_out[i], full_out[i] = p, f
+    return p_out, full_out
+
+
 def batch_chat_ids(
-    tokenizer: Any, conversations: list[list[dict[str, str]]], generation_prompt: bool
+    tokenizer: Any,
+    conversations: list[list[dict[str, Any]]],
+    generation_prompt: bool,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[list[int]]:
     """`chat_ids` of many conversations in one call (the same ids: transformers renders
     each and encodes the batch with the backend tokenizer)."""
     if not conversations:
         return []
     out = tokenizer.apply_chat_template(
-        conversations, add_generation_prompt=generation_prompt, tokenize=True, return_dict=False
+        [template_messages(c) for c in conversations],
+        tools=tools or None,
+        add_generation_prompt=generation_prompt,
+        tokenize=True,
+        return_dict=False,
     )
     if hasattr(out, "keys"):  # a BatchEncoding on some versions
         out = out["input_ids"]
@@ -155,7 +276,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return cut
 
 
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: tools and tool calls are part of the rendered text
 
 
 def examples_cache_key(decisions: list[Decision], tokenizer: Any, cfg: TuningConfig) -> str:
@@ -165,7 +286,6 @@ def examples_cache_key(decisions: list[Decision], tokenizer: Any, cfg: TuningCon
     (its full serialization when fast, else its vocabulary and settings), its chat
     template, and the simtune version. Hashing costs ~1 s per GB of text."""
     import hashlib
-    import json
     from importlib.metadata import PackageNotFoundError, version
 
     h = hashlib.sha256()
@@ -190,9 +310,8 @@ def examples_cache_key(decisions: list[Decision], tokenizer: Any, cfg: TuningCon
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     for d in decisions:
         h.update(b"\x1e")
-        h.update(
-            json.dumps([d.chat_prompt(cfg.system_prompt), d.target], ensure_ascii=False).encode()
-        )
+        rendered = [d.chat_prompt(cfg.system_prompt), d.target_message(), d.tools]
+        h.update(json.dumps(rendered, ensure_ascii=False).encode())
     return h.hexdigest()
 
 

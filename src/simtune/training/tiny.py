@@ -18,9 +18,41 @@ log = logging.getLogger(__name__)
 
 # ChatML-style template. The prompt rendered with add_generation_prompt=True is a
 # strict prefix of prompt+answer, which is what completion-only loss relies on.
+#
+# Tools the way Qwen2.5/Hermes-style templates take them (transformers'
+# `apply_chat_template(..., tools=...)`): the tool schemas, one JSON object a line
+# between <tools> tags, open a system turn (merged with the conversation's own system
+# message); an assistant turn's calls render as
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call>, one after another after its
+# text (`simtune.serving.engine.parse_tool_calls` reads them back); `tool` results are
+# turns of their own role. Written without whitespace between tags, like the original,
+# so a conversation without tools or tool calls renders byte for byte as it did before
+# tool support (old tokenized caches and trained adapters see the same text).
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 CHAT_TEMPLATE = (
+    "{% if tools %}"
+    "{{ '<|im_start|>system\n' }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{% endif %}"
+    "{{ '# Tools\n<tools>' }}"
+    "{% for tool in tools %}{{ '\n' + (tool | tojson) }}{% endfor %}"
+    '{{ \'\n</tools>\nTo call a tool, answer <tool_call>{"name": NAME, "arguments": '
+    "ARGUMENTS}</tool_call>.<|im_end|>\n' }}"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] is defined"
+    " and message['tool_calls'] %}"
+    "{{ '<|im_start|>assistant\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] %}"
+    "{% set fn = call['function'] if call['function'] is defined else call %}"
+    "{{ '<tool_call>{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' }}"
+    "{{ fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) }}"
+    "{{ '}</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|im_end|>\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
