@@ -625,7 +625,8 @@ def test_options_are_checked():
     assert writer.FSYNC_POLICIES is proxy_args.FSYNC_POLICIES
     assert writer.CREDIT_RULES is proxy_args.CREDIT_RULES
     assert proxy.DEFAULT_PORT == proxy_args.DEFAULT_PORT
-    args = build_parser().parse_args(["collect", "proxy", "--upstream", "http://127.0.0.1:1/v1"])
+    argv = ["collect", "proxy", "--upstream", "http://127.0.0.1:1/v1", "--env", "market"]
+    args = build_parser().parse_args(argv)
     assert args.port == proxy_args.DEFAULT_PORT
 
 
