@@ -1,6 +1,6 @@
 """Serve a base model and its LoRA adapters as an OpenAI-compatible endpoint (DESIGN.md §7).
 
-`simtune serve --model ID|NAME[@VERSION]|PATH ...` loads the base once, attaches every
+`simtune serve --model ID|NAME[/VERSION]|NAME@ALIAS|PATH ...` loads the base once, attaches every
 adapter to it by name and answers ``/v1/models``, ``/v1/chat/completions`` and
 ``/v1/completions`` (streaming too) on loopback; the request's ``model`` picks the
 adapter, ``"base"`` is the base model itself. From Python::
