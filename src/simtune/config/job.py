@@ -88,7 +88,11 @@ class JobArgs:
                 )
         for name in ("experiment_name", "registered_model_name", "run_name"):
             out.append(mlflow_name_problem(getattr(self, name), f"--{name}"))
-        if self.registered_model_name is None and any(c in self.experiment_name for c in "/:"):
+        if (
+            self.registered_model_name is None
+            and mlflow_name_problem(self.experiment_name, "--experiment_name") is None
+            and any(c in self.experiment_name for c in "/:")
+        ):  # a usable experiment name that cannot also be the registered model's
             out.append(
                 f"--experiment_name {self.experiment_name!r} is also the default "
                 "--registered_model_name, which may not contain '/' or ':'; give "
