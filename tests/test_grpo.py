@@ -190,3 +190,65 @@ def test_bad_grpo_options_fail_before_any_work(args, needle, tiny_model, workspa
     assert "Traceback" not in proc.stderr and needle in proc.stderr, proc.stderr[-2000:]
     assert _mlflow_statuses(workspace) == []
     assert not (workspace / "models").exists() or not any((workspace / "models").iterdir())
+
+
+def test_grpo_sigterm_checkpoints_and_resume_finishes_the_same_run(tiny_model, workspace, tmp_path):
+    """--save_steps, SIGTERM (checkpoint at the current step, run KILLED, exit 130,
+    nothing published) and --resume (same run and model id, to the final step)."""
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    data = preference_data(tmp_path / "decisions_pref.jsonl", SKILLS)
+    args = [
+        "train",
+        "--tuning_mode",
+        "grpo",
+        "--llm_path",
+        str(tiny_model),
+        "--dataset_path",
+        str(data),
+        "--workspace",
+        str(workspace),
+        "--reward_fn",
+        _reward_file(tmp_path, "keyword"),
+        "--max_steps",
+        "40",
+        "--save_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_new_tokens",
+        "8",
+    ]
+    exe = Path(sys.executable).with_name("simtune")
+    proc = subprocess.Popen(
+        [str(exe), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(workspace.glob("jobs/*/checkpoints/checkpoint-*/trainer_state.json")):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    with sqlite3.connect(workspace / "mlflow.db") as con:
+        [(run_id, status)] = list(con.execute("select run_uuid, status from runs"))
+    assert status == "KILLED"
+    steps = [
+        int(p.parent.name.split("-")[1])
+        for p in workspace.glob("jobs/*/checkpoints/checkpoint-*/trainer_state.json")
+    ]
+    assert steps and 0 < max(steps) < 40, steps
+    assert not (workspace / "models" / "registry.json").exists()
+
+    done = run_cli(*args, "--resume", "--json", timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    assert result["run_id"] == run_id and result["metrics"]["global_step"] == 40
+    with sqlite3.connect(workspace / "mlflow.db") as con:
+        assert list(con.execute("select status from runs")) == [("FINISHED",)]
+    assert json.loads((workspace / "models" / "registry.json").read_text())["models"]
