@@ -252,3 +252,30 @@ def test_grpo_sigterm_checkpoints_and_resume_finishes_the_same_run(tiny_model, w
     with sqlite3.connect(workspace / "mlflow.db") as con:
         assert list(con.execute("select status from runs")) == [("FINISHED",)]
     assert json.loads((workspace / "models" / "registry.json").read_text())["models"]
+
+
+def test_grpo_scores_with_an_llm_judge_over_http(tiny_model, workspace, tmp_path):
+    """--judge_url: a real OpenAI-compatible endpoint (the stub server) is asked once per
+    sampled answer, and its 1-5 score, mapped to [-1, 1], is GRPO's reward."""
+    import mlflow
+
+    from simtune import run_tuning
+    from simtune.testing.stub_llm import StubLLM
+
+    data = preference_data(tmp_path / "decisions_pref.jsonl", SKILLS)
+    with StubLLM(reply=lambda body: "Fine.\nScore: 4", model="judge") as judge:
+        result = run_tuning(
+            llm_path=str(tiny_model),
+            dataset_path=[str(data)],
+            workspace=str(workspace),
+            judge_url=judge.url,
+            judge_model="judge",
+            max_steps=2,
+            **GRPO_FAST,
+        )
+        asked = [r["body"] for r in judge.requests if r["path"].endswith("/chat/completions")]
+    assert len(asked) == 2 * 8 and all(b["model"] == "judge" for b in asked)
+    client = mlflow.MlflowClient(result.tracking_uri)
+    rewards = [m.value for m in client.get_metric_history(result.run_id, "train/reward")]
+    assert rewards == [pytest.approx(0.5)] * 2  # (4 - 3) / 2, the judge's mapping
+    assert result.metrics["reward_source/unparsable"] == 0
