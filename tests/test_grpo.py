@@ -279,3 +279,35 @@ def test_grpo_scores_with_an_llm_judge_over_http(tiny_model, workspace, tmp_path
     rewards = [m.value for m in client.get_metric_history(result.run_id, "train/reward")]
     assert rewards == [pytest.approx(0.5)] * 2  # (4 - 3) / 2, the judge's mapping
     assert result.metrics["reward_source/unparsable"] == 0
+
+
+def test_grpo_scores_with_a_simtune_reward_model(tiny_model, workspace, tmp_path):
+    """--reward_model: a reward model from --tuning_mode reward, named by its model id,
+    scores every sampled answer; its scores are GRPO's reward curve."""
+    import mlflow
+
+    from simtune import run_tuning
+
+    data = preference_data(tmp_path / "decisions_pref.jsonl", SKILLS)
+    rm = run_tuning(
+        tuning_mode="reward",
+        llm_path=str(tiny_model),
+        dataset_path=[str(data)],
+        workspace=str(workspace),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        seed=0,
+    )
+    result = run_tuning(
+        llm_path=str(tiny_model),
+        dataset_path=[str(data)],
+        workspace=str(workspace),
+        reward_model=rm.model_id,
+        max_steps=2,
+        **GRPO_FAST,
+    )
+    assert result.metrics["reward_source/samples"] == 2 * 8
+    client = mlflow.MlflowClient(result.tracking_uri)
+    rewards = [m.value for m in client.get_metric_history(result.run_id, "train/reward")]
+    assert len(rewards) == 2 and all(math.isfinite(r) and r != 0.0 for r in rewards), rewards
+    assert result.registered_model_name == "llm_tuning-grpo"
