@@ -146,7 +146,7 @@ def test_unknown_tuning_mode(tiny_model, workspace):
     proc = run_cli(
         "train",
         "--tuning_mode",
-        "dpo",
+        "rlhf",  # dpo was the example until it became a mode
         "--llm_path",
         str(tiny_model),
         "--dataset_path",

@@ -143,8 +143,8 @@ def test_empty_yaml_is_all_defaults(tmp_path: Path) -> None:
         ({"warmup_ratio": 1.5}, "--warmup_ratio: must be in [0, 1), got 1.5"),
         ({"lora_dropout": -0.1}, "--lora_dropout: must be in [0, 1)"),
         (
-            {"tuning_mode": "dpo"},
-            "--tuning_mode: unknown mode 'dpo' (choose from sft, ppo, reward)",
+            {"tuning_mode": "rlhf"},
+            "--tuning_mode: unknown mode 'rlhf' (choose from sft, ppo, reward, grpo, dpo, kto)",
         ),
         ({"llm_path": None}, "--llm_path is required"),
         ({"dataset_path": []}, "--dataset_path is required"),
@@ -387,13 +387,14 @@ def test_unknown_tuning_mode(tmp_path: Path) -> None:
         "--dataset_path",
         str(SAMPLE),
         "--tuning_mode",
-        "dpo",
+        "rlhf",
         cwd=tmp_path,
         timeout=60,
     )
     line = one_line_error(proc)
     assert (
-        line == "simtune: error: --tuning_mode: unknown mode 'dpo' (choose from sft, ppo, reward)"
+        line == "simtune: error: --tuning_mode: unknown mode 'rlhf' "
+        "(choose from sft, ppo, reward, grpo, dpo, kto)"
     )
     assert list(tmp_path.iterdir()) == []  # nothing written
 
@@ -444,10 +445,10 @@ def test_every_bad_option_is_reported_at_once(tmp_path: Path) -> None:
 
 def test_validate_collects_every_concern() -> None:
     with pytest.raises(ConfigError) as info:
-        TuningConfig(tuning_mode="dpo", llm_path=None, lora_dropout=1.0, gamma=2.0).validate()
+        TuningConfig(tuning_mode="rlhf", llm_path=None, lora_dropout=1.0, gamma=2.0).validate()
     problems = info.value.problems  # type: ignore[attr-defined]
     assert problems == [
-        "--tuning_mode: unknown mode 'dpo' (choose from sft, ppo, reward)",
+        "--tuning_mode: unknown mode 'rlhf' (choose from sft, ppo, reward, grpo, dpo, kto)",
         "--llm_path is required (a model directory, adapter or model id)",
         "--dataset_path is required (one or more files or directories), or --env NAME "
         "for <workspace>/envs/NAME/datasets",

@@ -1,8 +1,8 @@
 """Typed options: one args class per concern, each a dataclass that documents and checks
 its own fields, and one generator that turns any of them into argparse flags.
 
-- `TuningConfig` (`simtune train`) is composed of job, launch, data, optim, lora and
-  ppo args; `ServeArgs`/`ProxyArgs` and the `*Args` of `simtune.config.commands` are the
+- `TuningConfig` (`simtune train`) is composed of job, launch, data, optim, lora, ppo
+  and preference (GRPO, DPO, KTO) args; `ServeArgs`/`ProxyArgs` and the `*Args` of `simtune.config.commands` are the
   other commands' options.
 - A field's docstring (the string literal right below it) is its documentation: the
   CLI's `--help`, docs/options.md, and what `field_docs` returns. Option names follow
@@ -43,6 +43,7 @@ from simtune.config.ppo import (
     ROLLOUTS,
     PPOArgs,
 )
+from simtune.config.preference import PreferenceArgs
 from simtune.config.tuning import TuningConfig, build_config, load_yaml
 from simtune.errors import ConfigError
 
@@ -62,6 +63,7 @@ __all__ = [
     "LoraArgs",
     "OptimArgs",
     "PPOArgs",
+    "PreferenceArgs",
     "TuningConfig",
     "add_cli_args",
     "add_config_args",

@@ -10,7 +10,7 @@ from simtune.config import checks
 from simtune.config.fields import arg
 from simtune.config.names import mlflow_name_problem, resolve_workspace
 
-TUNING_MODES = ("sft", "ppo", "reward")
+TUNING_MODES = ("sft", "ppo", "reward", "grpo", "dpo", "kto")
 
 
 @dataclass
@@ -22,7 +22,10 @@ class JobArgs:
 
     tuning_mode: str = arg("sft", metavar="{" + ",".join(TUNING_MODES) + "}")
     """Training method: 'sft' imitates the logged (or refined) decisions; 'ppo' prefers
-    decisions that earned reward; 'reward' trains a reward model on rated decisions."""
+    decisions that earned reward; 'reward' trains a reward model on rated decisions;
+    'grpo' samples --num_generations answers per prompt and prefers those a reward source
+    scores above their group's mean; 'dpo' prefers the best over the worst scored answer
+    of each prompt; 'kto' prefers answers scored above --desirable_threshold."""
 
     llm_path: str | None = None
     """Base model: a local Hugging Face model directory, a GGUF file (llama.cpp/Ollama;

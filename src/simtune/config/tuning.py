@@ -22,11 +22,12 @@ from simtune.config.launch import LaunchArgs
 from simtune.config.lora import LoraArgs
 from simtune.config.optim import OptimArgs
 from simtune.config.ppo import PPOArgs
+from simtune.config.preference import PreferenceArgs
 from simtune.errors import ConfigError
 
 
 @dataclass
-class TuningConfig(PPOArgs, LoraArgs, OptimArgs, DataArgs, LaunchArgs, JobArgs):
+class TuningConfig(PreferenceArgs, PPOArgs, LoraArgs, OptimArgs, DataArgs, LaunchArgs, JobArgs):
     """Everything one `simtune train` job needs; every field is a CLI flag and a YAML key."""
 
     def validate(self) -> TuningConfig:
@@ -42,7 +43,7 @@ class TuningConfig(PPOArgs, LoraArgs, OptimArgs, DataArgs, LaunchArgs, JobArgs):
                 problems.append(str(exc))
             else:
                 self.dataset_path = [str(self.workspace_path() / "envs" / name / "datasets")]
-        for part in (JobArgs, LaunchArgs, DataArgs, OptimArgs, LoraArgs, PPOArgs):
+        for part in (JobArgs, LaunchArgs, DataArgs, OptimArgs, LoraArgs, PPOArgs, PreferenceArgs):
             problems += part.problems(self)
         problems += self.combined_problems()
         raise_problems(problems)
@@ -51,16 +52,21 @@ class TuningConfig(PPOArgs, LoraArgs, OptimArgs, DataArgs, LaunchArgs, JobArgs):
     def combined_problems(self) -> list[str]:
         """The checks of options that only make sense together."""
         out: list[str] = []
-        if self.tuning_mode == "ppo" and self.rollout == "online":
+        online = (self.tuning_mode == "ppo" and self.rollout == "online") or (
+            self.tuning_mode == "grpo"
+        )
+        if online:
             sources = self.reward_sources()
+            needs = "--rollout online" if self.tuning_mode == "ppo" else "--tuning_mode grpo"
             if len(sources) != 1:
                 out.append(
-                    "--rollout online needs exactly one reward source: --reward_fn, "
+                    f"{needs} needs exactly one reward source: --reward_fn, "
                     "--reward_model or --judge_url (got "
                     f"{', '.join('--' + s for s in sources) or 'none'})"
                 )
             if self.judge_url and not self.judge_model:
                 out.append("--judge_model is required with --judge_url")
+        out += self.preference_problems()
         if self.device_map == "auto":
             if self.tuning_mode != "sft":
                 out.append(
@@ -82,6 +88,32 @@ class TuningConfig(PPOArgs, LoraArgs, OptimArgs, DataArgs, LaunchArgs, JobArgs):
             out.append(
                 "--deepspeed applies to SFT and reward-model training; for PPO put the "
                 "DeepSpeed settings in an --accelerate_config file"
+            )
+        return out
+
+    def preference_problems(self) -> list[str]:
+        """GRPO's batch shape and KTO's batch size, which TRL would only refuse after
+        the model is loaded."""
+        out: list[str] = []
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if (
+            self.tuning_mode == "grpo"
+            and isinstance(batch, int)
+            and isinstance(self.num_generations, int)
+            and self.num_generations >= 2
+            and (batch * self.processes()) % self.num_generations
+        ):
+            out.append(
+                f"--num_generations {self.num_generations}: the batch "
+                f"(--per_device_train_batch_size {self.per_device_train_batch_size} x "
+                f"--gradient_accumulation_steps {self.gradient_accumulation_steps} x "
+                f"{self.processes()} process(es) = {batch * self.processes()}) must be a "
+                "multiple of it: each prompt's answers are compared within one batch"
+            )
+        if self.tuning_mode == "kto" and self.per_device_train_batch_size == 1:
+            out.append(
+                "--per_device_train_batch_size: KTO needs at least 2 (its KL estimate pairs "
+                "each answer with another prompt of the same micro-batch)"
             )
         return out
 

@@ -67,7 +67,7 @@ def run_tuning(
     """Train, track and register one model.
 
     `config` may be a TuningConfig, the path of a YAML file, or a tuning mode
-    (``"sft"``, ``"ppo"``, ``"reward"``): YuLan-OneSim's call
+    (``"sft"``, ``"ppo"``, ``"reward"``, ``"grpo"``, ``"dpo"``, ``"kto"``): YuLan-OneSim's call
     ``run_tuning(tuning_mode, llm_path, dataset_path=None, experiment_name=...,
     tracking_uri=..., devices=...)`` works as it is, positionally too. Those parameters
     and the keyword `options` (the same names as the CLI flags) override the config;
@@ -385,6 +385,18 @@ def _prepare(
         inputs = build_ppo_inputs(decisions, tokenizer, cfg, spec)
         stats.update(num_ppo_samples=len(inputs.samples), rollout=cfg.rollout)
         return inputs
+    if cfg.tuning_mode == "grpo":
+        from simtune.training.grpo import build_grpo_inputs
+
+        grpo = build_grpo_inputs(decisions, tokenizer, cfg, spec)
+        stats.update(num_grpo_prompts=len(grpo.prompts), long_prompts=grpo.long_prompts)
+        return grpo
+    if cfg.tuning_mode in ("dpo", "kto"):
+        from simtune.training.preference import build_preference_data
+
+        data = build_preference_data(decisions, cfg)
+        stats.update(data.stats)
+        return data
     from simtune.training.reward_model import build_reward_examples
 
     examples = build_reward_examples(decisions, tokenizer, cfg)
@@ -462,6 +474,23 @@ def _train_mode(
         from simtune.training.sft import train_sft
 
         metrics, trained = train_sft(
+            cfg,
+            prepared,
+            model,
+            tokenizer,
+            job_dir,
+            [tracker.metrics_callback()],
+            resume_from=resume,
+            should_stop=stop,
+        )
+        return metrics, trained, None
+    if cfg.tuning_mode in ("grpo", "dpo", "kto"):
+        if cfg.tuning_mode == "grpo":
+            from simtune.training.grpo import train_grpo as recipe
+        else:
+            from simtune.training.preference import train_preference as recipe
+
+        metrics, trained = recipe(
             cfg,
             prepared,
             model,
