@@ -125,9 +125,10 @@ def test_grpo_job_tracks_registers_loads_and_raises_reward(tiny_model, workspace
     rewards = [m.value for m in client.get_metric_history(result.run_id, "train/reward")]
     assert sum(rewards[-5:]) > sum(rewards[:5]), rewards  # the training answers improved too
 
-    assert result.registered_model_name == "llm_tuning-grpo"
+    assert result.registered_model_name == "llm_tuning"  # one registered model per experiment
     version = client.get_model_version(result.registered_model_name, "1")
     assert version.tags["simtune.model_id"] == result.model_id
+    assert version.tags["simtune.tuning_mode"] == "grpo"
     entries = json.loads((workspace / "models" / "registry.json").read_text())["models"]
     assert entries[0]["tuning_mode"] == "grpo" and entries[0]["model_id"] == result.model_id
     meta = json.loads((Path(result.adapter_path) / "simtune.json").read_text())
@@ -310,4 +311,4 @@ def test_grpo_scores_with_a_simtune_reward_model(tiny_model, workspace, tmp_path
     client = mlflow.MlflowClient(result.tracking_uri)
     rewards = [m.value for m in client.get_metric_history(result.run_id, "train/reward")]
     assert len(rewards) == 2 and all(math.isfinite(r) and r != 0.0 for r in rewards), rewards
-    assert result.registered_model_name == "llm_tuning-grpo"
+    assert result.registered_model_name == "llm_tuning"  # one registered model per experiment

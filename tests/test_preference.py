@@ -119,9 +119,10 @@ def test_preference_mode_trains_tracks_and_registers(mode, tiny_model, workspace
     assert len(losses) == 10 and sum(losses[-3:]) < sum(losses[:3]) - 0.1, losses
     margins = [m.value for m in client.get_metric_history(result.run_id, "train/rewards/margins")]
     assert margins[-1] > margins[0], margins
-    assert result.registered_model_name == f"llm_tuning-{mode}"
+    assert result.registered_model_name == "llm_tuning"  # one registered model per experiment
     version = client.get_model_version(result.registered_model_name, "1")
     assert version.tags["simtune.model_id"] == result.model_id
+    assert version.tags["simtune.tuning_mode"] == mode
     entries = json.loads((workspace / "models" / "registry.json").read_text())["models"]
     assert entries[0]["tuning_mode"] == mode
     if mode == "dpo":
