@@ -189,10 +189,11 @@ def _filters(args: argparse.Namespace) -> Any:
     """The training filters (as in `simtune train`, checked by the same `DataArgs`),
     applied one decision at a time."""
     from simtune.config import raise_problems
+    from simtune.decisions.reader import Filters
 
     options = namespace_to(DataArgs, args)
     raise_problems(options.problems())
-    return options.filters()
+    return Filters(**{name: getattr(options, name) for name in FILTERS})
 
 
 @contextlib.contextmanager

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 from simtune.config import checks
-
-if TYPE_CHECKING:
-    from simtune.decisions.reader import Filters
 
 # The flags `simtune data export/split` share with `simtune train`.
 FILTERS = ("min_rating", "min_reward", "agent_types", "max_samples")
@@ -48,15 +45,3 @@ class DataArgs:
         if self.max_samples is not None and self.max_samples <= 0:
             out.append(f"--max_samples: must be positive, got {self.max_samples!r}")
         return [p for p in out if p]
-
-    def filters(self) -> Filters:
-        """The filters, applied one decision at a time (`simtune.decisions.reader.Filters`,
-        which `reader.select` uses too)."""
-        from simtune.decisions.reader import Filters
-
-        return Filters(
-            min_rating=self.min_rating,
-            min_reward=self.min_reward,
-            agent_types=self.agent_types,
-            max_samples=self.max_samples,
-        )

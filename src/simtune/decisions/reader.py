@@ -64,10 +64,10 @@ from simtune.decisions.schema import (
     EVENT_KINDS,
     Decision,
     finite_number,
-    role_problem,
     unfence,
 )
 from simtune.errors import DataError
+from simtune.openai.protocol import role_problem
 
 log = logging.getLogger(__name__)
 

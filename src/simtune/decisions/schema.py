@@ -38,18 +38,6 @@ DECISION_FIELDS = (
     "metadata",
 )
 EVENT_KINDS = ("reward", "rating", "feedback")
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-"""The chat roles a record's messages may have (OpenAI's)."""
-
-
-def role_problem(role: str) -> str | None:
-    """Why `role` is not one of `CHAT_ROLES` (the words every reader and server uses), or
-    None when it is."""
-    if role in CHAT_ROLES:
-        return None
-    return f"unknown role {role[:50]!r} (expected one of {', '.join(CHAT_ROLES)})"
-
-
 _FENCE = re.compile(r"^\s*```[\w+-]*[ \t]*\r?\n(.*?)\r?\n?```\s*$", re.DOTALL)
 
 

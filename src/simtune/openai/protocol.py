@@ -27,9 +27,20 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from simtune.decisions.schema import role_problem
-
 _SCALARS = (str, bytes, int, float, bool, list, tuple)
+
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+"""The chat roles a record's messages may have (OpenAI's): what a record may hold and a server
+accepts."""
+
+
+def role_problem(role: str) -> str | None:
+    """Why `role` is not one of `CHAT_ROLES` (the words every reader and server uses), or
+    None when it is."""
+    if role in CHAT_ROLES:
+        return None
+    return f"unknown role {role[:50]!r} (expected one of {', '.join(CHAT_ROLES)})"
 
 
 class ProtocolError(ValueError):
