@@ -188,11 +188,9 @@ def _dropped(dropped: dict[str, int]) -> str:
 def _filters(args: argparse.Namespace) -> Any:
     """The training filters (as in `simtune train`, checked by the same `DataArgs`),
     applied one decision at a time."""
-    from simtune.config import raise_problems
     from simtune.decisions.reader import Filters
 
     options = namespace_to(DataArgs, args)
-    raise_problems(options.problems())
     return Filters(**{name: getattr(options, name) for name in FILTERS})
 
 
@@ -508,11 +506,9 @@ def run_split(args: argparse.Namespace) -> int:
 def run_import_traces(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from simtune.config import raise_problems
     from simtune.tracking.traces import import_traces
 
     opts = namespace_to(ImportTracesArgs, args)
-    raise_problems(opts.problems())
     report = import_traces(
         experiment_name=opts.experiment_name,
         env=opts.env,
@@ -537,11 +533,9 @@ def run_import_traces(args: argparse.Namespace) -> int:
 def run_mirror_traces(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from simtune.config import raise_problems
     from simtune.tracking.traces import mirror_traces
 
     opts = namespace_to(MirrorTracesArgs, args)
-    raise_problems(opts.problems())
     report = mirror_traces(
         env=opts.env,
         experiment_name=opts.experiment_name,

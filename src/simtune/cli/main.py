@@ -318,13 +318,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace, ws: Path, console: Any) -> int:
-    from simtune.config import raise_problems
     from simtune.config.cli_args import namespace_to
     from simtune.config.commands import ModelsPromoteArgs
     from simtune.tracking.aliases import promote
 
     opts = namespace_to(ModelsPromoteArgs, args)
-    raise_problems(opts.problems())
     done = promote(
         opts.name, opts.version, opts.alias, tracking_uri=opts.tracking_uri, workspace=ws
     )

@@ -30,6 +30,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+from simtune.config.checks import raise_problems
 from simtune.config.fields import base_type, field_docs, field_types, own_fields
 
 _PASSED = ("action", "type", "nargs", "metavar", "choices", "required", "const")
@@ -158,8 +159,12 @@ def config_parts(cls: type) -> list[type]:
 
 
 def namespace_to(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
-    """An instance of `cls` from the parsed flags it declares (and `extra`)."""
+    """An instance of `cls` from the parsed flags it declares (and `extra`), checked:
+    a class with `problems()` raises one ConfigError naming every problem."""
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     values = {n: getattr(args, n) for n in names if hasattr(args, n)}
     values.update(extra)
-    return cls(**values)
+    out = cls(**values)
+    if hasattr(out, "problems"):
+        raise_problems(out.problems())
+    return out

@@ -93,6 +93,14 @@ class Decision:
         return msgs
 
     @property
+    def score(self) -> float | None:
+        """What the decision earned: its reward, else its rating, else None (the rule
+        offline PPO, DPO and KTO score decisions by)."""
+        if self.reward is not None:
+            return float(self.reward)
+        return float(self.rating) if self.rating is not None else None
+
+    @property
     def target(self) -> str:
         """The SFT target's text: an improved answer when one exists, else what was said."""
         return self.feedback if self.feedback else self.output

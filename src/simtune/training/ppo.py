@@ -237,7 +237,7 @@ def build_samples(
     samples: list[PPOSample] = []
     skipped = 0
     for d in decisions:
-        score = d.reward if d.reward is not None else d.rating
+        score = d.score
         if offline and score is None:
             skipped += 1
             continue

@@ -39,15 +39,6 @@ log = logging.getLogger(__name__)
 Messages = list[dict[str, str]]
 
 
-def score_of(d: Decision) -> float | None:
-    """A decision's score: its reward, else its rating, else None."""
-    if d.reward is not None:
-        return float(d.reward)
-    if d.rating is not None:
-        return float(d.rating)
-    return None
-
-
 @dataclass
 class PreferenceData:
     """The rows a preference trainer gets, and what was dropped on the way."""
@@ -63,7 +54,7 @@ def _answer(text: str) -> Messages:
 
 
 def _scored(decisions: list[Decision]) -> tuple[list[tuple[Decision, float]], int]:
-    out = [(d, s) for d in decisions if (s := score_of(d)) is not None]
+    out = [(d, s) for d in decisions if (s := d.score) is not None]
     dropped = len(decisions) - len(out)
     if dropped:
         log.warning("%d decision(s) have neither reward nor rating and are dropped", dropped)

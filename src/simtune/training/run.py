@@ -470,27 +470,8 @@ def _train_mode(
         trust_remote_code=cfg.trust_remote_code,
         device_map=cfg.device_map,
     )
-    if cfg.tuning_mode == "sft":
-        from simtune.training.sft import train_sft
-
-        metrics, trained = train_sft(
-            cfg,
-            prepared,
-            model,
-            tokenizer,
-            job_dir,
-            [tracker.metrics_callback()],
-            resume_from=resume,
-            should_stop=stop,
-        )
-        return metrics, trained, None
-    if cfg.tuning_mode in ("grpo", "dpo", "kto"):
-        if cfg.tuning_mode == "grpo":
-            from simtune.training.grpo import train_grpo as recipe
-        else:
-            from simtune.training.preference import train_preference as recipe
-
-        metrics, trained = recipe(
+    if cfg.tuning_mode != "ppo":  # the Trainer-based recipes share one signature
+        metrics, trained = _trainer_recipe(cfg.tuning_mode)(
             cfg,
             prepared,
             model,
@@ -515,6 +496,22 @@ def _train_mode(
         should_stop=stop,
     )
     return metrics, trained, v_head
+
+
+def _trainer_recipe(mode: str) -> Callable[..., tuple[dict[str, float], Any]]:
+    """sft, grpo, dpo or kto: (cfg, prepared, model, tokenizer, job_dir, callbacks, *,
+    resume_from, should_stop) -> (metrics, trained model)."""
+    if mode == "sft":
+        from simtune.training.sft import train_sft
+
+        return train_sft
+    if mode == "grpo":
+        from simtune.training.grpo import train_grpo
+
+        return train_grpo
+    from simtune.training.preference import train_preference
+
+    return train_preference
 
 
 def _registry_add(workspace: Path, meta: dict[str, Any], path: Path) -> None:
